@@ -1,0 +1,82 @@
+"""Helpers the storage tests share: upload and read back whole objects through the API."""
+
+from __future__ import annotations
+
+from cryo.checksums import chunk_checksum, summary_checksum
+from cryo.storage.api import Backend, BackupObject
+
+
+def upload(
+    backend: Backend,
+    job_id: str,
+    name: str,
+    chunks: list[bytes],
+    *,
+    metadata_string: str | None = None,
+    blob: bytes | None = None,
+    throw_on_duplicate: bool = False,
+) -> str:
+    """StartObject, PutChunk each chunk, NotifyObjectComplete; returns the SUMMARY checksum."""
+    upload_id = backend.start_object(job_id, name, throw_on_duplicate=throw_on_duplicate)
+    sums = []
+    for i, data in enumerate(chunks):
+        c = chunk_checksum(data)
+        sums.append(c)
+        r = backend.put_chunk(job_id, upload_id, i, data, len(data), c)
+        assert r.chunk_checksum == c and r.chunk_checksum_algorithm == "SHA256"
+    summary = summary_checksum(sums)
+    kwargs = {}
+    if blob is not None:
+        kwargs = {
+            "metadata_blob": blob,
+            "metadata_blob_length": len(blob),
+            "metadata_blob_checksum": chunk_checksum(blob),
+            "metadata_blob_checksum_algorithm": "SHA256",
+        }
+    r2 = backend.notify_object_complete(
+        job_id, upload_id, summary, "SUMMARY", metadata_string=metadata_string, **kwargs
+    )
+    assert r2.object_checksum == summary
+    return summary
+
+
+def put_small(backend: Backend, job_id: str, name: str, data: bytes, **kw: object) -> str:
+    r = backend.put_object(job_id, name, data, len(data), chunk_checksum(data), **kw)  # type: ignore[arg-type]
+    return r.object_checksum
+
+
+def all_objects(backend: Backend, job_id: str, **kw: object) -> list[BackupObject]:
+    out: list[BackupObject] = []
+    token = None
+    while True:
+        page = backend.list_objects(job_id, next_token=token, **kw)  # type: ignore[arg-type]
+        out.extend(page.objects)
+        token = page.next_token
+        if token is None:
+            return out
+
+
+def read_object(backend: Backend, job_id: str, obj: BackupObject) -> list[bytes]:
+    """Every chunk of ``obj``, each verified against its listed checksum, and the SUMMARY."""
+    chunks = []
+    listed = []
+    token = None
+    while True:
+        page = backend.list_chunks(job_id, obj.object_token, next_token=token)
+        listed.extend(page.chunks)
+        token = page.next_token
+        if token is None:
+            break
+    assert [c.index for c in listed] == list(range(len(listed)))
+    for c in listed:
+        got = backend.get_chunk(job_id, c.chunk_token)
+        assert got.checksum == c.checksum
+        assert chunk_checksum(got.data) == c.checksum, f"chunk {c.index} of {obj.name} corrupt"
+        assert got.length == len(got.data) == c.length
+        chunks.append(got.data)
+    assert summary_checksum(c.checksum for c in listed) == obj.object_checksum
+    return chunks
+
+
+def contents(backend: Backend, job_id: str) -> dict[str, bytes]:
+    return {o.name: b"".join(read_object(backend, job_id, o)) for o in all_objects(backend, job_id)}
