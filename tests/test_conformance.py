@@ -302,9 +302,7 @@ def test_list_objects_filters(backend: Backend) -> None:
     assert names == ["a/1", "a/2"]
     names = [o.name for o in all_objects(backend, job, starting_object_name="b/1")]
     assert names == ["b/1", "b/2", "c"]
-    paged = [
-        o.name for o in all_objects(backend, job, starting_object_prefix="b", max_results=1)
-    ]
+    paged = [o.name for o in all_objects(backend, job, starting_object_prefix="b", max_results=1)]
     assert paged == ["b/1", "b/2"]
 
 
