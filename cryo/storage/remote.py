@@ -353,7 +353,7 @@ class RemoteBackend:
 
         try:
             response = self._http.send(request.prepare())
-        except bx.HTTPClientError as exc:
+        except (bx.HTTPClientError, bx.ConnectionError) as exc:
             raise EndpointUnreachable(str(exc)) from None
         payload = response.content
         if response.status_code >= 300:

@@ -1,0 +1,651 @@
+"""The backup pipeline: scan → read → encode+hash → upload, with bounds at every stage.
+
+Algorithm
+---------
+1. A job is created (idempotent through a client token) and the manifest
+   upload is started.
+2. The scanner (the calling thread) walks the roots in a fixed order
+   (:mod:`cryo.scan`) and gives each entry a sequence number. Entries without
+   data (directories, links, devices, empty files) are done at once; regular
+   files go to the **read** stage.
+3. Readers (``read_workers`` threads) read a file and hash it (xxh3-128 over
+   its whole logical content, the end-to-end check a restore verifies).
+   Small files (below ``pack_threshold``) are **packed**: their bytes are
+   appended to a shared buffer that becomes one chunk of a pack object once
+   it reaches ``chunk_size``, so the number of API calls grows with bytes,
+   not with files. Larger files are cut into ``chunk_size`` slices that
+   become the indexed chunks of the file's own object (PutObject when one
+   chunk suffices). Sparse files are read region by region (SEEK_DATA), so
+   holes are neither read nor stored.
+4. Each chunk is **encoded** (zstd when it pays, see :mod:`cryo.encoding`)
+   and hashed (SHA-256, the API checksum) by ``cpu_workers`` threads, then
+   **uploaded** by ``connections`` threads with PutChunk. The last chunk of
+   a sealed object triggers its NotifyObjectComplete.
+5. Finished entries are written to the manifest in scan order (a bounded
+   reorder buffer); manifest chunks travel through the same stages. Once
+   every data object is complete, the manifest is completed, then the job
+   is marked COMPLETED, or PARTIAL if some files could not be read as they
+   were.
+
+Bounds: every stage is a ``BoundedExecutor``; a full stage blocks the one
+before it, down to the scanner, so memory stays flat whatever the input
+(at most about ``chunk_size`` times 2 * (read + cpu + connections) bytes). The
+reorder buffer holds at most ``MAX_PENDING_ENTRIES`` entries.
+
+Errors: a file that cannot be read, vanishes, or changes while it is read is
+reported as a ``FileWarning`` and the run goes on (status PARTIAL). Any other
+failure (after the retry wrapper gave up) stops every stage through the
+``Coordinator``; the job is left IN_PROGRESS, never marked complete.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from cryo import __version__
+from cryo.checksums import chunk_checksum, summary_checksum
+from cryo.encoding import encode
+from cryo.events import EventSink, FileWarning, Progress, ignore
+from cryo.executor import BoundedExecutor, Coordinator
+from cryo.manifest import MANIFEST_OBJECT, Extent, ManifestEntry, footer, header
+from cryo.retry import RetryingBackend, RetryPolicy
+from cryo.scan import KIND_FILE, Entry, ScanOptions, scan
+
+MiB = 1024 * 1024
+DEFAULT_CHUNK_SIZE = 4 * MiB
+DEFAULT_PACK_THRESHOLD = 1 * MiB
+DEFAULT_PACK_CHUNKS = 16
+MAX_PENDING_ENTRIES = 20_000
+_ZEROS = bytes(MiB)
+
+
+@dataclass(frozen=True, slots=True)
+class BackupOptions:
+    paths: tuple[bytes, ...] = ()
+    """Absolute paths to back up."""
+    stdin_name: str | None = None
+    """Back up standard input under this name instead of paths."""
+    scan: ScanOptions = field(default_factory=ScanOptions)
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    pack_threshold: int = DEFAULT_PACK_THRESHOLD
+    pack_chunks: int = DEFAULT_PACK_CHUNKS
+    compression_level: int | None = 1
+    read_workers: int = 2
+    cpu_workers: int = 2
+    connections: int = 8
+    pool_id: str | None = None
+    tags: tuple[str, ...] = ()
+    client_token: str | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class BackupSummary:
+    job_id: str
+    status: str
+    files: int
+    entries: int
+    bytes_read: int
+    bytes_stored: int
+    chunks: int
+    retries: int
+    warnings: tuple[FileWarning, ...]
+    seconds: float
+
+
+def display_path(path: bytes) -> str:
+    return os.fsdecode(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Object:
+    """A data object being uploaded: chunks in flight, checksums, completion."""
+
+    __slots__ = ("checksums", "completed", "lock", "name", "pending", "sealed", "upload_id")
+
+    def __init__(self, name: str, upload_id: str) -> None:
+        self.name = name
+        self.upload_id = upload_id
+        self.checksums: dict[int, str] = {}
+        self.pending = 0
+        self.sealed = False
+        self.completed = False
+        self.lock = threading.Lock()
+
+
+class _Packer:
+    """Packs small files into the chunks of shared pack objects."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._lock = threading.Lock()
+        self._buf = bytearray()
+        self._obj: _Object | None = None
+        self._index = 0
+
+    def add(self, data: bytes) -> tuple[str, int, int]:
+        """Place ``data``; returns (object name, chunk index, offset in the chunk)."""
+        with self._lock:
+            if self._obj is None:
+                self._obj = self._run.new_object()
+                self._index = 0
+            where = (self._obj.name, self._index, len(self._buf))
+            self._buf += data
+            if len(self._buf) >= self._run.options.chunk_size:
+                self._flush()
+            return where
+
+    def _flush(self) -> None:
+        assert self._obj is not None
+        self._run.submit_chunk(self._obj, self._index, bytes(self._buf))
+        self._buf.clear()
+        self._index += 1
+        if self._index >= self._run.options.pack_chunks:
+            self._run.seal(self._obj)
+            self._obj = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._obj is not None:
+                if self._buf:
+                    self._flush()
+                if self._obj is not None:
+                    self._run.seal(self._obj)
+                    self._obj = None
+
+
+class _ManifestWriter:
+    """Writes finished entries to the manifest object in scan order."""
+
+    def __init__(self, run: _Run, head: str) -> None:
+        self._run = run
+        self._lock = threading.Lock()
+        self._slots = threading.Semaphore(MAX_PENDING_ENTRIES)
+        self._pending: dict[int, ManifestEntry | None] = {}
+        self._next = 0
+        self._issued = 0
+        self._index = 0
+        self._buf = bytearray(head.encode("utf-8") + b"\n")
+        self.count = 0
+        self.obj = run.start_object(MANIFEST_OBJECT)
+
+    def reserve(self) -> int:
+        while not self._slots.acquire(timeout=0.2):
+            self._run.coordinator.check()
+        seq = self._issued
+        self._issued += 1
+        return seq
+
+    def complete(self, seq: int, entry: ManifestEntry | None) -> None:
+        with self._lock:
+            self._pending[seq] = entry
+            while self._next in self._pending:
+                e = self._pending.pop(self._next)
+                self._next += 1
+                self._slots.release()
+                if e is not None:
+                    self._buf += e.to_json().encode("utf-8", "surrogateescape") + b"\n"
+                    self.count += 1
+                    if len(self._buf) >= self._run.options.chunk_size:
+                        self._flush()
+
+    def _flush(self) -> None:
+        self._run.submit_chunk(self.obj, self._index, bytes(self._buf))
+        self._buf.clear()
+        self._index += 1
+
+    def close(self) -> None:
+        with self._lock:
+            assert not self._pending, "entries still pending at manifest close"
+            self._buf += footer(self.count).encode("utf-8") + b"\n"
+            self._flush()
+
+
+class _Run:
+    """One backup run: the stages, their shared state and the counters."""
+
+    def __init__(self, backend: Any, options: BackupOptions, on_event: EventSink) -> None:
+        self.options = options
+        self.on_event = on_event
+        self.coordinator = Coordinator()
+        self.backend = RetryingBackend(backend, options.retry, on_event)
+        self.job_id = ""
+        self._prefix = f"data/{secrets.token_hex(4)}-"
+        self._counter = 0
+        self._counter_lock = threading.Lock()
+        self._stats_lock = threading.Lock()
+        self.files = 0
+        self.bytes_read = 0
+        self.bytes_stored = 0
+        self.chunks = 0
+        self.warnings: list[FileWarning] = []
+        c = self.coordinator
+        self.readers = BoundedExecutor(options.read_workers, options.read_workers * 2, c, "read")
+        self.cpu = BoundedExecutor(options.cpu_workers, options.cpu_workers * 2, c, "encode")
+        self.uploads = BoundedExecutor(options.connections, options.connections * 2, c, "upload")
+        self.packer = _Packer(self)
+
+    # -- objects and chunks ---------------------------------------------------
+    def _next_name(self) -> str:
+        with self._counter_lock:
+            self._counter += 1
+            return f"{self._prefix}{self._counter:06d}"
+
+    def start_object(self, name: str) -> _Object:
+        return _Object(name, self.backend.start_object(self.job_id, name))
+
+    def new_object(self) -> _Object:
+        return self.start_object(self._next_name())
+
+    def submit_chunk(self, obj: _Object, index: int, data: bytes) -> None:
+        with obj.lock:
+            obj.pending += 1
+        self.cpu.submit(self._encode, obj, index, data)
+
+    def _encode(self, obj: _Object, index: int, data: bytes) -> None:
+        self.coordinator.check()
+        stored = encode(data, self.options.compression_level)
+        self.uploads.submit(self._put, obj, index, stored, chunk_checksum(stored))
+
+    def _put(self, obj: _Object, index: int, stored: bytes, checksum: str) -> None:
+        self.coordinator.check()
+        self.backend.put_chunk(self.job_id, obj.upload_id, index, stored, len(stored), checksum)
+        self._stored(len(stored))
+        with obj.lock:
+            obj.checksums[index] = checksum
+            obj.pending -= 1
+            finish = obj.sealed and obj.pending == 0 and not obj.completed
+            if finish:
+                obj.completed = True
+        if finish:
+            self._complete(obj)
+
+    def seal(self, obj: _Object) -> None:
+        """No more chunks will be added; the object completes once they are all stored."""
+        with obj.lock:
+            obj.sealed = True
+            finish = obj.pending == 0 and not obj.completed
+            if finish:
+                obj.completed = True
+        if finish:
+            self._complete(obj)
+
+    def _complete(self, obj: _Object) -> None:
+        summary = summary_checksum(obj.checksums[i] for i in range(len(obj.checksums)))
+        self.backend.notify_object_complete(self.job_id, obj.upload_id, summary, "SUMMARY")
+
+    def put_single(self, name: str, data: bytes) -> None:
+        self.cpu.submit(self._encode_single, name, data)
+
+    def _encode_single(self, name: str, data: bytes) -> None:
+        self.coordinator.check()
+        stored = encode(data, self.options.compression_level)
+        self.uploads.submit(self._put_single, name, stored, chunk_checksum(stored))
+
+    def _put_single(self, name: str, stored: bytes, checksum: str) -> None:
+        self.coordinator.check()
+        self.backend.put_object(self.job_id, name, stored, len(stored), checksum)
+        self._stored(len(stored))
+
+    # -- counters -------------------------------------------------------------
+    def _stored(self, n: int) -> None:
+        with self._stats_lock:
+            self.bytes_stored += n
+            self.chunks += 1
+
+    def read_bytes(self, n: int) -> None:
+        with self._stats_lock:
+            self.bytes_read += n
+
+    def warn(self, path: bytes, message: str) -> None:
+        w = FileWarning(display_path(path), message)
+        with self._stats_lock:
+            self.warnings.append(w)
+        self.on_event(w)
+
+    def progress(self, phase: str) -> Progress:
+        with self._stats_lock:
+            return Progress(phase, self.files, self.bytes_read, self.bytes_stored)
+
+
+def _manifest_entry(e: Entry) -> ManifestEntry:
+    return ManifestEntry(
+        path=e.path,
+        kind=e.kind,
+        mode=e.mode,
+        uid=e.uid,
+        gid=e.gid,
+        user=e.user,
+        group=e.group,
+        mtime_ns=e.mtime_ns,
+        ctime_ns=e.ctime_ns,
+        ino=e.ino,
+        dev=e.dev,
+        size=e.size,
+        rdev=e.rdev,
+        target=e.target,
+        xattrs=e.xattrs,
+    )
+
+
+def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
+    """(start, end) of the data regions of a sparse file, holes left out."""
+    regions = []
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole remains
+                break
+            return [(0, size)]
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        regions.append((start, end))
+        pos = end
+    return regions
+
+
+class _Unreadable(Exception):
+    """The file itself could not be opened or read (a warning, not a failure)."""
+
+
+def _io(fn: Callable[..., Any], *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise _Unreadable("vanished before it was read") from None
+        raise _Unreadable(exc.strerror or str(exc)) from None
+
+
+class _FileReader:
+    """Reads one regular file into chunks (or a pack) and builds its manifest entry."""
+
+    def __init__(self, run: _Run) -> None:
+        self.run = run
+
+    def read(self, seq: int, entry: Entry, manifest: _ManifestWriter) -> None:
+        run = self.run
+        try:
+            m = self._read(entry)
+        except _Unreadable as exc:
+            run.warn(entry.source, f"not backed up: {exc}")
+            manifest.complete(seq, None)
+            return
+        with run._stats_lock:
+            run.files += 1
+        manifest.complete(seq, m)
+
+    def _read(self, entry: Entry) -> ManifestEntry:
+        import xxhash
+
+        run = self.run
+        opts = run.options
+        m = _manifest_entry(entry)
+        flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            fd = os.open(entry.source, flags | getattr(os, "O_NOATIME", 0))
+        except PermissionError:
+            fd = _io(os.open, entry.source, flags)
+        except OSError:
+            fd = _io(os.open, entry.source, flags)
+        try:
+            before = _io(os.fstat, fd)
+            h = xxhash.xxh3_128()
+            if before.st_size < opts.pack_threshold:
+                data = _io(os.pread, fd, opts.pack_threshold, 0)
+                h.update(data)
+                if data:
+                    name, index, offset = run.packer.add(data)
+                    m.extents.append(Extent(0, name, index, offset, len(data)))
+                m.size = len(data)
+                run.read_bytes(len(data))
+            else:
+                m.size = self._read_large(fd, before, h, m)
+            after = _io(os.fstat, fd)
+        finally:
+            os.close(fd)
+        m.xxh3 = h.hexdigest()
+        changed = (
+            (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
+            or (entry.size, entry.mtime_ns) != (after.st_size, after.st_mtime_ns)
+            or m.size != after.st_size
+        )
+        if changed:
+            m.warning = "changed while it was read"
+            run.warn(entry.source, "changed while it was read; the copy may be inconsistent")
+        return m
+
+    def _read_large(self, fd: int, st: os.stat_result, h: Any, m: ManifestEntry) -> int:
+        run = self.run
+        size_hint = st.st_size
+        chunk_size = run.options.chunk_size
+        sparse = st.st_blocks * 512 < st.st_size
+        regions: list[tuple[int, int | None]] = (
+            list(_data_regions(fd, size_hint)) if sparse else [(0, None)]
+        )
+        obj: _Object | None = None
+        first: tuple[int, bytes] | None = None
+        index = 0
+        pos = 0
+        for start, end in regions:
+            _hash_zeros(h, start - pos)
+            pos = start
+            while end is None or pos < end:
+                run.coordinator.check()
+                want = chunk_size if end is None else min(chunk_size, end - pos)
+                data = _io(os.pread, fd, want, pos)
+                if not data:
+                    break
+                h.update(data)
+                run.read_bytes(len(data))
+                if obj is None and first is None:
+                    first = (pos, data)
+                else:
+                    if obj is None:
+                        assert first is not None
+                        obj = run.new_object()
+                        run.submit_chunk(obj, 0, first[1])
+                        m.extents.append(Extent(first[0], obj.name, 0, 0, len(first[1])))
+                        index = 1
+                        first = None
+                    run.submit_chunk(obj, index, data)
+                    m.extents.append(Extent(pos, obj.name, index, 0, len(data)))
+                    index += 1
+                pos += len(data)
+                if end is None and len(data) < want:
+                    break
+        if sparse and pos < size_hint:
+            _hash_zeros(h, size_hint - pos)
+            pos = size_hint
+        if first is not None:
+            name = run._next_name()
+            run.put_single(name, first[1])
+            m.extents.append(Extent(first[0], name, 0, 0, len(first[1])))
+        elif obj is not None:
+            run.seal(obj)
+        return pos
+
+
+def _hash_zeros(h: Any, n: int) -> None:
+    while n > 0:
+        step = min(n, len(_ZEROS))
+        h.update(_ZEROS[:step])
+        n -= step
+
+
+def _read_stream(run: _Run, stream: BinaryIO, name: str) -> ManifestEntry:
+    """A stream of unknown length as one file entry (``cryo backup -``)."""
+    import xxhash
+
+    now = time.time_ns()
+    m = ManifestEntry(
+        path=name.encode("utf-8"),
+        kind=KIND_FILE,
+        mode=0o600,
+        uid=os.getuid(),
+        gid=os.getgid(),
+        mtime_ns=now,
+        ctime_ns=now,
+    )
+    h = xxhash.xxh3_128()
+    chunk_size = run.options.chunk_size
+    obj: _Object | None = None
+    index = 0
+    pos = 0
+    pending: bytes | None = None
+    while True:
+        run.coordinator.check()
+        data = _read_full(stream, chunk_size)
+        if not data:
+            break
+        h.update(data)
+        run.read_bytes(len(data))
+        if pending is not None:
+            if obj is None:
+                obj = run.new_object()
+            run.submit_chunk(obj, index, pending)
+            m.extents.append(Extent(pos - len(pending), obj.name, index, 0, len(pending)))
+            index += 1
+        pending = data
+        pos += len(data)
+    if pending is not None:
+        if obj is None:
+            name_ = run._next_name()
+            run.put_single(name_, pending)
+            m.extents.append(Extent(0, name_, 0, 0, len(pending)))
+        else:
+            run.submit_chunk(obj, index, pending)
+            m.extents.append(Extent(pos - len(pending), obj.name, index, 0, len(pending)))
+    if obj is not None:
+        run.seal(obj)
+    m.size = pos
+    m.xxh3 = h.hexdigest()
+    return m
+
+
+def _read_full(stream: BinaryIO, n: int) -> bytes:
+    parts = []
+    got = 0
+    while got < n:
+        piece = stream.read(n - got)
+        if not piece:
+            break
+        parts.append(piece)
+        got += len(piece)
+    return b"".join(parts)
+
+
+def run_backup(
+    backend: Any,
+    options: BackupOptions,
+    on_event: EventSink = ignore,
+    stdin: BinaryIO | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> BackupSummary:
+    """Back up ``options.paths`` (or ``stdin``) into a new job; returns its summary."""
+    started = clock()
+    run = _Run(backend, options, on_event)
+    host = socket.gethostname()
+    paths = (
+        [options.stdin_name or "stdin"] if options.stdin_name is not None
+        else [display_path(p) for p in options.paths]
+    )  # fmt: skip
+    job = run.backend.create_job(
+        client_token=options.client_token or str(uuid.uuid4()),
+        pool_id=options.pool_id,
+        attributes={"host": host, "paths": paths, "tags": list(options.tags), "cryo": __version__},
+    )
+    run.job_id = job.job_id
+    manifest = _ManifestWriter(
+        run,
+        header(
+            job=job.job_id,
+            host=host,
+            paths=paths,
+            chunk_size=options.chunk_size,
+            created=job.created.isoformat(),
+        ),
+    )
+    stop_ticker = threading.Event()
+
+    def tick() -> None:
+        while not stop_ticker.wait(0.25):
+            on_event(run.progress("backup"))
+
+    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker.start()
+    reader = _FileReader(run)
+    try:
+        try:
+            if options.stdin_name is not None:
+                stream = stdin if stdin is not None else sys.stdin.buffer
+                seq = manifest.reserve()
+                entry = _read_stream(run, stream, options.stdin_name)
+                run.files += 1
+                manifest.complete(seq, entry)
+            else:
+                for e in scan(list(options.paths), options.scan, run.warn):
+                    run.coordinator.check()
+                    seq = manifest.reserve()
+                    if e.kind == KIND_FILE and e.size >= 0:
+                        run.readers.submit(reader.read, seq, e, manifest)
+                    else:
+                        manifest.complete(seq, _manifest_entry(e))
+            run.readers.shutdown(wait=True)
+            run.coordinator.raise_if_failed()
+            run.packer.close()
+            manifest.close()
+            run.cpu.shutdown(wait=True)
+            run.coordinator.raise_if_failed()
+            run.uploads.shutdown(wait=True)
+            run.coordinator.raise_if_failed()
+            with manifest.obj.lock:
+                manifest.obj.completed = True
+            run._complete(manifest.obj)
+        except BaseException as exc:
+            run.coordinator.fail(exc)
+            for ex in (run.readers, run.cpu, run.uploads):
+                ex.shutdown(wait=False)
+            if run.coordinator.error is not None and run.coordinator.error is not exc:
+                raise run.coordinator.error from None
+            raise
+    finally:
+        stop_ticker.set()
+        ticker.join()
+    status = "PARTIAL" if run.warnings else "COMPLETED"
+    seconds = clock() - started
+    run.backend.complete_job(
+        job.job_id,
+        status=status,
+        attributes={
+            "files": run.files,
+            "entries": manifest.count,
+            "bytes_read": run.bytes_read,
+            "bytes_stored": run.bytes_stored,
+            "warnings": len(run.warnings),
+            "seconds": round(seconds, 3),
+        },
+    )
+    on_event(run.progress("done"))
+    return BackupSummary(
+        job_id=job.job_id,
+        status=status,
+        files=run.files,
+        entries=manifest.count,
+        bytes_read=run.bytes_read,
+        bytes_stored=run.bytes_stored,
+        chunks=run.chunks,
+        retries=run.backend.retries,
+        warnings=tuple(run.warnings),
+        seconds=seconds,
+    )

@@ -1,0 +1,103 @@
+"""Rendering the core's events: a progress display on a terminal, JSON lines, or quiet.
+
+* ``tty``: a rich progress line on stderr (files, bytes, throughput, elapsed).
+* ``json``: one JSON object per line on stdout, progress at most twice a second.
+* ``plain`` and ``quiet``: nothing while running; warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+from cryo.events import Event, FileWarning, Progress, Retry
+
+
+class Renderer:
+    def __init__(
+        self, mode: str, stdout: TextIO | None = None, stderr: TextIO | None = None
+    ) -> None:
+        self.mode = mode
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self._last_json = 0.0
+        self._progress: Any = None
+        self._task: Any = None
+        if mode == "tty":
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                TextColumn,
+                TimeElapsedColumn,
+                TransferSpeedColumn,
+            )
+            from rich.progress import Progress as RichProgress
+
+            console = Console(file=self.stderr)
+            self._progress = RichProgress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.fields[files]} files"),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task("backup", total=None, files=0)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, FileWarning):
+            if self.mode == "json":
+                self.emit({"type": "warning", "path": event.path, "message": event.message})
+            elif self._progress is not None:
+                self._progress.console.print(f"warning: {event.path}: {event.message}")
+            else:
+                self.stderr.write(f"cryo: warning: {event.path}: {event.message}\n")
+        elif isinstance(event, Progress):
+            if self.mode == "json":
+                now = time.monotonic()
+                if event.phase == "done" or now - self._last_json >= 0.5:
+                    self._last_json = now
+                    self.emit(
+                        {
+                            "type": "progress",
+                            "phase": event.phase,
+                            "files": event.files,
+                            "bytes_read": event.bytes_read,
+                            "bytes_stored": event.bytes_stored,
+                        }
+                    )
+            elif self._progress is not None:
+                self._progress.update(
+                    self._task, description=event.phase, completed=event.bytes_read,
+                    files=event.files,
+                )  # fmt: skip
+        elif isinstance(event, Retry) and self.mode == "tty" and self._progress is not None:
+            self._progress.console.print(f"retrying {event.operation}: {event.error}")
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.stdout.write(json.dumps(record, sort_keys=True) + "\n")
+        self.stdout.flush()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def choose_mode(quiet: bool, as_json: bool, stderr: TextIO | None = None) -> str:
+    import os
+
+    if as_json:
+        return "json"
+    if quiet:
+        return "quiet"
+    err = stderr or sys.stderr
+    if err.isatty() and os.environ.get("TERM") != "dumb":
+        return "tty"
+    return "plain"

@@ -1,0 +1,47 @@
+"""Events the core emits; the CLI decides how (and whether) to show them.
+
+The core never prints. A pipeline takes an ``on_event`` callback and calls it
+from any thread; callbacks must be quick and thread-safe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Running totals; emitted at most a few times per second."""
+
+    phase: str
+    files: int
+    bytes_read: int
+    bytes_stored: int
+    total_files: int | None = None
+    total_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileWarning:
+    """A file that could not be backed up or restored as it was; the run goes on."""
+
+    path: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A storage call failed transiently and will be tried again."""
+
+    operation: str
+    attempt: int
+    error: str
+
+
+Event = Progress | FileWarning | Retry
+EventSink = Callable[[Event], None]
+
+
+def ignore(_: Event) -> None:
+    """An event sink that drops everything."""

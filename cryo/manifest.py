@@ -1,0 +1,195 @@
+"""The manifest: the object that commits a job and describes every entry.
+
+A job written by ``cryo backup`` holds data objects (``data/...``) and one
+object named ``manifest``. The manifest's chunks are stored like any other
+(see :mod:`cryo.encoding`); their decoded bytes, concatenated in index
+order, are UTF-8 JSON lines:
+
+* the first line is a header: ``{"format": "cryo-manifest", "version": 1, ...}``;
+* then one line per entry, parents before children (docs/FORMAT.md lists
+  the keys);
+* the last line is ``{"end": true, "entries": N}``, so a truncated manifest
+  is detected.
+
+Paths and link targets are bytes: valid UTF-8 is stored as a JSON string
+(``p``), anything else as base64 under the same key with a ``b`` suffix.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT = "cryo-manifest"
+VERSION = 1
+MANIFEST_OBJECT = "manifest"
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read as cryo wrote it."""
+
+
+def put_bytes(record: dict[str, Any], key: str, value: bytes) -> None:
+    try:
+        record[key] = value.decode("utf-8")
+    except UnicodeDecodeError:
+        record[key + "b"] = base64.b64encode(value).decode("ascii")
+
+
+def get_bytes(record: dict[str, Any], key: str) -> bytes | None:
+    if key in record:
+        return str(record[key]).encode("utf-8")
+    if key + "b" in record:
+        return base64.b64decode(record[key + "b"])
+    return None
+
+
+@dataclass(slots=True)
+class Extent:
+    """``length`` bytes of a file at ``file_offset``, found in a data object's chunk."""
+
+    file_offset: int
+    object_name: str
+    chunk_index: int
+    chunk_offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class ManifestEntry:
+    path: bytes
+    kind: str
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    user: str | None = None
+    group: str | None = None
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    ino: int = 0
+    dev: int = 0
+    size: int = 0
+    rdev: int = 0
+    target: bytes | None = None
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    extents: list[Extent] = field(default_factory=list)
+    xxh3: str | None = None
+    warning: str | None = None
+
+    def to_json(self) -> str:
+        r: dict[str, Any] = {}
+        put_bytes(r, "p", self.path)
+        r["t"] = self.kind
+        r["m"] = self.mode
+        r["u"] = self.uid
+        r["g"] = self.gid
+        if self.user is not None:
+            r["un"] = self.user
+        if self.group is not None:
+            r["gn"] = self.group
+        r["mt"] = self.mtime_ns
+        r["ct"] = self.ctime_ns
+        r["ino"] = self.ino
+        r["dev"] = self.dev
+        if self.size:
+            r["s"] = self.size
+        if self.rdev:
+            r["rd"] = self.rdev
+        if self.target is not None:
+            put_bytes(r, "l", self.target)
+        if self.xattrs:
+            r["x"] = [
+                [base64.b64encode(k).decode("ascii"), base64.b64encode(v).decode("ascii")]
+                for k, v in sorted(self.xattrs.items())
+            ]
+        if self.extents:
+            r["d"] = [
+                [e.file_offset, e.object_name, e.chunk_index, e.chunk_offset, e.length]
+                for e in self.extents
+            ]
+        if self.xxh3 is not None:
+            r["xx"] = self.xxh3
+        if self.warning is not None:
+            r["w"] = self.warning
+        return json.dumps(r, separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, r: dict[str, Any]) -> ManifestEntry:
+        path = get_bytes(r, "p")
+        if path is None or "t" not in r:
+            raise ManifestError("entry without path or type")
+        return cls(
+            path=path,
+            kind=str(r["t"]),
+            mode=int(r.get("m", 0)),
+            uid=int(r.get("u", 0)),
+            gid=int(r.get("g", 0)),
+            user=r.get("un"),
+            group=r.get("gn"),
+            mtime_ns=int(r.get("mt", 0)),
+            ctime_ns=int(r.get("ct", 0)),
+            ino=int(r.get("ino", 0)),
+            dev=int(r.get("dev", 0)),
+            size=int(r.get("s", 0)),
+            rdev=int(r.get("rd", 0)),
+            target=get_bytes(r, "l"),
+            xattrs={base64.b64decode(k): base64.b64decode(v) for k, v in r.get("x", [])},
+            extents=[
+                Extent(int(a), str(b), int(c), int(d), int(e)) for a, b, c, d, e in r.get("d", [])
+            ],
+            xxh3=r.get("xx"),
+            warning=r.get("w"),
+        )
+
+
+def header(**fields: Any) -> str:
+    return json.dumps({"format": FORMAT, "version": VERSION, **fields}, separators=(",", ":"))
+
+
+def footer(entries: int) -> str:
+    return json.dumps({"end": True, "entries": entries}, separators=(",", ":"))
+
+
+def parse_lines(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:
+    """JSON records of the manifest whose decoded chunks are ``chunks``."""
+    carry = b""
+    for chunk in chunks:
+        data = carry + chunk
+        lines = data.split(b"\n")
+        carry = lines.pop()
+        for line in lines:
+            if line:
+                try:
+                    yield json.loads(line)
+                except ValueError as exc:
+                    raise ManifestError(f"corrupt manifest line: {exc}") from None
+    if carry.strip():
+        raise ManifestError("manifest ends in the middle of a line")
+
+
+def read_entries(
+    records: Iterator[dict[str, Any]],
+) -> tuple[dict[str, Any], Iterator[ManifestEntry]]:
+    """The header and the entries; the iterator raises ManifestError if the footer is missing."""
+    try:
+        head = next(records)
+    except StopIteration:
+        raise ManifestError("empty manifest") from None
+    if head.get("format") != FORMAT:
+        raise ManifestError("not a cryo manifest")
+    if head.get("version") != VERSION:
+        raise ManifestError(f"manifest version {head.get('version')} is not supported")
+
+    def entries() -> Iterator[ManifestEntry]:
+        for count, r in enumerate(records):
+            if r.get("end") is True:
+                if r.get("entries") != count:
+                    raise ManifestError("manifest entry count does not match its footer")
+                return
+            yield ManifestEntry.from_json(r)
+        raise ManifestError("manifest is truncated (no end record)")
+
+    return head, entries()

@@ -1,0 +1,250 @@
+"""Walking the file system: what a backup will contain, in a fixed order.
+
+``scan`` yields one ``Entry`` per file system object under the given roots,
+parents before children, children sorted by the bytes of their names, so
+two scans of the same tree yield the same sequence. Paths are bytes (names
+that are not UTF-8 survive) and are stored relative to ``/``. Symlinks are
+recorded, never followed; a second path to an inode with several links is
+recorded as a hard link to the first; FIFOs, sockets and devices are
+recorded and never opened. The parents of each root are recorded too, so a
+restore can recreate their modes and owners.
+
+Excludes follow restic's rules: a pattern without ``/`` matches any name
+component, one with ``/`` matches the whole absolute path (``fnmatch``
+syntax). ``exclude_caches`` skips the contents of directories holding a
+valid ``CACHEDIR.TAG``; ``one_file_system`` does not descend into other
+file systems. An unreadable directory is reported and recorded without its
+contents; the walk goes on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import grp
+import os
+import pwd
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+
+KIND_FILE = "f"
+KIND_DIR = "d"
+KIND_SYMLINK = "l"
+KIND_HARDLINK = "h"
+KIND_FIFO = "p"
+KIND_SOCKET = "s"
+KIND_CHAR = "c"
+KIND_BLOCK = "b"
+
+
+@dataclass(slots=True)
+class Entry:
+    """One file system object as the backup records it."""
+
+    path: bytes
+    """Relative to ``/``, no leading slash."""
+    source: bytes
+    """Absolute path to read from."""
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    size: int = 0
+    ino: int = 0
+    dev: int = 0
+    ctime_ns: int = 0
+    rdev: int = 0
+    target: bytes | None = None
+    user: str | None = None
+    group: str | None = None
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ScanOptions:
+    excludes: tuple[bytes, ...] = ()
+    exclude_caches: bool = False
+    one_file_system: bool = False
+    xattrs: bool = True
+
+
+_users: dict[int, str | None] = {}
+_groups: dict[int, str | None] = {}
+
+
+def _user(uid: int) -> str | None:
+    if uid not in _users:
+        try:
+            _users[uid] = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            _users[uid] = None
+    return _users[uid]
+
+
+def _group(gid: int) -> str | None:
+    if gid not in _groups:
+        try:
+            _groups[gid] = grp.getgrgid(gid).gr_name
+        except KeyError:
+            _groups[gid] = None
+    return _groups[gid]
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return KIND_FILE
+    if stat.S_ISDIR(mode):
+        return KIND_DIR
+    if stat.S_ISLNK(mode):
+        return KIND_SYMLINK
+    if stat.S_ISFIFO(mode):
+        return KIND_FIFO
+    if stat.S_ISSOCK(mode):
+        return KIND_SOCKET
+    if stat.S_ISCHR(mode):
+        return KIND_CHAR
+    return KIND_BLOCK
+
+
+def read_xattrs(path: bytes) -> dict[bytes, bytes]:
+    """Extended attributes of ``path`` (not following symlinks); empty where unsupported."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out: dict[bytes, bytes] = {}
+    for name in names:
+        try:
+            out[name.encode("utf-8", "surrogateescape")] = os.getxattr(
+                path, name, follow_symlinks=False
+            )
+        except OSError:
+            continue
+    return out
+
+
+def entry_for(source: bytes, st: os.stat_result, xattrs: bool = True) -> Entry:
+    kind = _kind(st.st_mode)
+    e = Entry(
+        path=source.lstrip(b"/"),
+        source=source,
+        kind=kind,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        size=st.st_size if kind == KIND_FILE else 0,
+        ino=st.st_ino,
+        dev=st.st_dev,
+        ctime_ns=st.st_ctime_ns,
+        user=_user(st.st_uid),
+        group=_group(st.st_gid),
+    )
+    if kind == KIND_SYMLINK:
+        e.target = os.readlink(source)
+    elif kind in (KIND_CHAR, KIND_BLOCK):
+        e.rdev = st.st_rdev
+    if xattrs and kind != KIND_SYMLINK:
+        e.xattrs = read_xattrs(source)
+    return e
+
+
+def _excluded(path: bytes, name: bytes, patterns: tuple[bytes, ...]) -> bool:
+    for p in patterns:
+        if b"/" in p:
+            if fnmatch.fnmatchcase(path, p) or fnmatch.fnmatchcase(path, p.rstrip(b"/")):
+                return True
+        elif fnmatch.fnmatchcase(name, p):
+            return True
+    return False
+
+
+def _is_cache_dir(path: bytes) -> bool:
+    try:
+        with open(os.path.join(path, b"CACHEDIR.TAG"), "rb") as f:
+            return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+    except OSError:
+        return False
+
+
+def scan(
+    roots: list[bytes], options: ScanOptions, warn: Callable[[bytes, str], None]
+) -> Iterator[Entry]:
+    """Every entry under ``roots`` (absolute paths), in backup order."""
+    seen_parents: set[bytes] = set()
+    hardlinks: dict[tuple[int, int], bytes] = {}
+    for root in roots:
+        parent = os.path.dirname(root)
+        parents = []
+        while parent not in (b"/", b"") and parent not in seen_parents:
+            parents.append(parent)
+            parent = os.path.dirname(parent)
+        for p in reversed(parents):
+            seen_parents.add(p)
+            try:
+                yield entry_for(p, os.lstat(p), options.xattrs)
+            except OSError as exc:
+                warn(p, exc.strerror or str(exc))
+        try:
+            st = os.lstat(root)
+        except OSError as exc:
+            warn(root, exc.strerror or str(exc))
+            continue
+        seen_parents.add(root)
+        yield from _walk(root, st, st.st_dev, options, warn, hardlinks)
+
+
+def _walk(
+    path: bytes,
+    st: os.stat_result,
+    root_dev: int,
+    options: ScanOptions,
+    warn: Callable[[bytes, str], None],
+    hardlinks: dict[tuple[int, int], bytes],
+) -> Iterator[Entry]:
+    stack: list[tuple[bytes, os.stat_result]] = [(path, st)]
+    while stack:
+        path, st = stack.pop()
+        try:
+            entry = entry_for(path, st, options.xattrs)
+        except OSError as exc:
+            warn(path, exc.strerror or str(exc))
+            continue
+        if entry.kind == KIND_FILE and st.st_nlink > 1:
+            key = (st.st_dev, st.st_ino)
+            first = hardlinks.get(key)
+            if first is not None:
+                entry.kind = KIND_HARDLINK
+                entry.target = first
+                entry.size = 0
+            else:
+                hardlinks[key] = entry.path
+        yield entry
+        if entry.kind != KIND_DIR:
+            continue
+        if options.one_file_system and st.st_dev != root_dev:
+            continue
+        cache_dir = options.exclude_caches and _is_cache_dir(path)
+        try:
+            with os.scandir(path) as it:
+                names = sorted(d.name for d in it)
+        except OSError as exc:
+            warn(path, f"cannot list directory: {exc.strerror or exc}")
+            continue
+        children: list[tuple[bytes, os.stat_result]] = []
+        for name in names:
+            child = os.path.join(path, name)
+            if cache_dir and name != b"CACHEDIR.TAG":
+                continue
+            if options.excludes and _excluded(child, name, options.excludes):
+                continue
+            try:
+                children.append((child, os.lstat(child)))
+            except FileNotFoundError:
+                continue  # vanished between listing and stat: it was never there
+            except OSError as exc:
+                warn(child, exc.strerror or str(exc))
+        stack.extend(reversed(children))
