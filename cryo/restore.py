@@ -1,0 +1,688 @@
+"""The restore pipeline: rebuild a job's tree, verified, never trusting the job's paths.
+
+Algorithm
+---------
+The manifest is streamed in batches (at most ``batch_files`` files or
+``batch_bytes`` of data). For each batch:
+
+1. Each selected file is created under a temporary name (``.cryo-<random>``)
+   in its target directory and sized with ``ftruncate`` (holes stay holes).
+2. The batch's extents are grouped by (data object, chunk): every needed chunk
+   is fetched **once**, by ``connections`` parallel workers, its SHA-256
+   checked against the listed checksum before it is decoded, and its slices
+   written with ``os.pwrite`` at their file offsets, in any order. A chunk
+   that fails its checksum is fetched once more; if it fails again, the files
+   that need it are reported and left out, and the restore goes on.
+3. Each complete file is read back and its xxh3-128 compared with the
+   manifest's; only then does it get its owner, mode, extended attributes
+   and times, and is renamed to its final name. A corrupt or partial file
+   never sits under a real name.
+
+Directories are created as they come (owner-only at first) and get their
+final mode, owner and times last, deepest first, so restoring files into them
+does not change their mtime. Hard links are made once their target exists.
+
+Safety: a job's paths are untrusted. Absolute paths, empty, ``.`` or ``..``
+components and NUL bytes are refused; every file system operation is
+relative to an open directory descriptor and opens each component with
+``O_NOFOLLOW | O_DIRECTORY``, so no symlink, not even one this restore
+created, is ever followed, and nothing is written outside the target.
+
+Overwrite policies for existing entries: ``never`` skips them, ``if-changed``
+skips files whose size, mtime and content hash already match (so an
+interrupted restore resumes), ``always`` replaces them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import os
+import secrets
+import stat
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from cryo.errors import CryoError
+from cryo.events import EventSink, FileWarning, Progress, ignore
+from cryo.executor import BoundedExecutor, Coordinator
+from cryo.jobreader import CorruptData, JobReader
+from cryo.manifest import ManifestEntry
+from cryo.retry import RetryingBackend, RetryPolicy
+
+OVERWRITE_POLICIES = ("never", "if-changed", "always")
+_TEMP_PREFIX = b".cryo-"
+
+
+class UnsafePath(CryoError):
+    """A path in the job that could escape the target directory."""
+
+
+class TargetNotEmpty(CryoError):
+    """The target directory has content and no overwrite policy was given."""
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreOptions:
+    target: bytes
+    includes: tuple[bytes, ...] = ()
+    excludes: tuple[bytes, ...] = ()
+    overwrite: str | None = None
+    connections: int = 8
+    batch_files: int = 512
+    batch_bytes: int = 256 * 1024 * 1024
+    owners: bool = field(default_factory=lambda: os.geteuid() == 0)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreSummary:
+    job_id: str
+    files: int
+    entries: int
+    bytes_written: int
+    skipped: int
+    retries: int
+    failures: tuple[FileWarning, ...]
+    seconds: float
+
+
+def check_path(path: bytes) -> list[bytes]:
+    """The components of a job path, or UnsafePath."""
+    shown = path.decode("utf-8", "backslashreplace")
+    if not path or path.startswith(b"/"):
+        raise UnsafePath(f"refusing absolute or empty path {shown!r}")
+    if b"\x00" in path:
+        raise UnsafePath(f"refusing path with a NUL byte {shown!r}")
+    parts = path.split(b"/")
+    for p in parts:
+        if p in (b"", b".", b".."):
+            raise UnsafePath(f"refusing path with an empty, '.' or '..' component {shown!r}")
+    return parts
+
+
+def _matches(path: bytes, patterns: tuple[bytes, ...]) -> bool:
+    """restic-style: a pattern matches the path, any of its parents, or (without '/') a name."""
+    for p in patterns:
+        pat = p.strip(b"/")
+        if b"/" in pat:
+            parts = path.split(b"/")
+            for i in range(len(parts), 0, -1):
+                if fnmatch.fnmatchcase(b"/".join(parts[:i]), pat):
+                    return True
+        elif any(fnmatch.fnmatchcase(c, pat) for c in path.split(b"/")):
+            return True
+    return False
+
+
+def _is_parent_of_included(path: bytes, includes: tuple[bytes, ...]) -> bool:
+    prefix = path + b"/"
+    return any(p.strip(b"/").startswith(prefix) for p in includes)
+
+
+class _Dirs:
+    """Directory descriptors under the target, opened without following any symlink."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self._cache: dict[bytes, int] = {}
+        self._lock = threading.Lock()
+
+    def open(self, parts: list[bytes], create: bool) -> int:
+        """fd of the directory ``parts`` (relative to the target)."""
+        key = b"/".join(parts)
+        with self._lock:
+            fd = self._cache.get(key)
+            if fd is not None:
+                return fd
+        fd = self.root_fd
+        opened: list[int] = []
+        try:
+            for part in parts:
+                try:
+                    nfd = os.open(
+                        part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=fd,
+                    )  # fmt: skip
+                except FileNotFoundError:
+                    if not create:
+                        raise
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o700, dir_fd=fd)
+                    nfd = os.open(
+                        part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                        dir_fd=fd,
+                    )  # fmt: skip
+                except OSError as exc:
+                    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise UnsafePath(
+                            f"refusing to follow a symlink or non-directory at "
+                            f"{b'/'.join(parts).decode('utf-8', 'backslashreplace')!r}"
+                        ) from None
+                    raise
+                opened.append(nfd)
+                fd = nfd
+        except BaseException:
+            for f in opened:
+                os.close(f)
+            raise
+        for f in opened[:-1]:
+            os.close(f)
+        with self._lock:
+            existing = self._cache.get(key)
+            if existing is not None:
+                if opened:
+                    os.close(fd)
+                return existing
+            if opened:
+                self._cache[key] = fd
+        return fd
+
+    def trim(self, keep: int = 256) -> None:
+        """Close cached descriptors beyond ``keep``; call only between operations."""
+        with self._lock:
+            while len(self._cache) > keep:
+                os.close(self._cache.pop(next(iter(self._cache))))
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._cache.values():
+                os.close(fd)
+            self._cache.clear()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A file being restored under a temporary name."""
+
+    entry: ManifestEntry
+    parts: list[bytes]
+    dir_fd: int
+    temp: bytes
+    fd: int
+    failed: str | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _Restore:
+    def __init__(self, backend: Any, job_id: str, options: RestoreOptions, on_event: EventSink):
+        self.options = options
+        self.on_event = on_event
+        self.backend = RetryingBackend(backend, options.retry, on_event)
+        self.job_id = job_id
+        self.reader = JobReader(self.backend, job_id)
+        self.coordinator = Coordinator()
+        self.failures: list[FileWarning] = []
+        self.files = 0
+        self.entries = 0
+        self.skipped = 0
+        self.bytes_written = 0
+        self._lock = threading.Lock()
+        self.dirs_meta: list[tuple[list[bytes], ManifestEntry]] = []
+        self.hardlinks: list[tuple[list[bytes], ManifestEntry]] = []
+        os.makedirs(options.target, exist_ok=True)
+        self.root_fd = os.open(options.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.dirs = _Dirs(self.root_fd)
+
+    def fail(self, path: bytes, message: str) -> None:
+        w = FileWarning(path.decode("utf-8", "backslashreplace"), message)
+        with self._lock:
+            self.failures.append(w)
+        self.on_event(w)
+
+    def progress(self) -> Progress:
+        with self._lock:
+            return Progress("restore", self.files, self.bytes_written, self.bytes_written)
+
+    # -- selection -----------------------------------------------------------------
+    def selected(self, entry: ManifestEntry) -> bool:
+        o = self.options
+        if o.includes and not (
+            _matches(entry.path, o.includes)
+            or (entry.kind == "d" and _is_parent_of_included(entry.path, o.includes))
+        ):
+            return False
+        return not (o.excludes and _matches(entry.path, o.excludes))
+
+    # -- existing entries --------------------------------------------------------------
+    def _existing(self, dir_fd: int, name: bytes) -> os.stat_result | None:
+        try:
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def _keep_existing(self, dir_fd: int, name: bytes, entry: ManifestEntry) -> bool:
+        """True when the existing entry stays (per overwrite policy)."""
+        st = self._existing(dir_fd, name)
+        if st is None:
+            return False
+        policy = self.options.overwrite or "never"
+        if policy == "never":
+            return True
+        if policy == "always":
+            return False
+        if entry.kind != "f" or not stat.S_ISREG(st.st_mode):
+            return False
+        if st.st_size != entry.size or st.st_mtime_ns != entry.mtime_ns:
+            return False
+        return _xxh3_of(name, dir_fd) == entry.xxh3
+
+    # -- entries without data ------------------------------------------------------------
+    def place_simple(self, parts: list[bytes], entry: ManifestEntry) -> None:
+        dir_fd = self.dirs.open(parts[:-1], create=True)
+        name = parts[-1]
+        if entry.kind == "d":
+            st = self._existing(dir_fd, name)
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                if (self.options.overwrite or "never") != "always":
+                    self.skipped += 1
+                    return
+                os.unlink(name, dir_fd=dir_fd)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=dir_fd)
+            self.dirs_meta.append((parts, entry))
+            return
+        if self._keep_existing(dir_fd, name, entry):
+            self.skipped += 1
+            return
+        temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
+        if entry.kind == "l":
+            assert entry.target is not None
+            os.symlink(entry.target, temp, dir_fd=dir_fd)
+        elif entry.kind == "p":
+            os.mkfifo(temp, entry.mode, dir_fd=dir_fd)
+        elif entry.kind in ("c", "b", "s"):
+            kind = {"c": stat.S_IFCHR, "b": stat.S_IFBLK, "s": stat.S_IFSOCK}[entry.kind]
+            try:
+                os.mknod(temp, kind | entry.mode, entry.rdev, dir_fd=dir_fd)
+            except PermissionError:
+                self.fail(entry.path, "cannot create a device node without privileges")
+                return
+        else:
+            self.fail(entry.path, f"unknown entry type {entry.kind!r}")
+            return
+        self._finish(dir_fd, temp, name, entry, fd=None)
+
+    def _finish(
+        self, dir_fd: int, temp: bytes, name: bytes, entry: ManifestEntry, fd: int | None
+    ) -> None:
+        """Metadata, then rename into place."""
+        is_link = entry.kind == "l"
+        if self.options.owners:
+            uid, gid = _owner_ids(entry)
+            with contextlib.suppress(OSError):
+                if fd is not None:
+                    os.fchown(fd, uid, gid)
+                else:
+                    os.chown(temp, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        if not is_link:
+            if fd is not None:
+                os.fchmod(fd, entry.mode)
+            else:
+                os.chmod(temp, entry.mode, dir_fd=dir_fd)
+            for k, v in entry.xattrs.items():
+                with contextlib.suppress(OSError):
+                    if fd is not None:
+                        os.setxattr(fd, k, v)
+                    else:
+                        os.setxattr(_proc_path(dir_fd, temp), k, v, follow_symlinks=False)
+        times = (entry.mtime_ns, entry.mtime_ns)
+        if fd is not None:
+            os.utime(fd, ns=times)
+        else:
+            os.utime(temp, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+        st = self._existing(dir_fd, name)
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            os.unlink(temp, dir_fd=dir_fd)
+            self.fail(entry.path, "a directory is in the way; not replaced")
+            return
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        with self._lock:
+            self.entries += 1
+
+    # -- files -----------------------------------------------------------------------
+    def open_file(self, parts: list[bytes], entry: ManifestEntry) -> _Pending | None:
+        dir_fd = self.dirs.open(parts[:-1], create=True)
+        if self._keep_existing(dir_fd, parts[-1], entry):
+            self.skipped += 1
+            return None
+        temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
+        fd = os.open(
+            temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            dir_fd=dir_fd,
+        )  # fmt: skip
+        os.ftruncate(fd, entry.size)
+        return _Pending(entry, parts, os.dup(dir_fd), temp, fd)
+
+    def finish_file(self, p: _Pending) -> None:
+        try:
+            if p.failed is None:
+                digest = _xxh3_fd(p.fd, p.entry.size)
+                if digest != p.entry.xxh3:
+                    p.failed = "content does not match its xxh3-128 checksum"
+            if p.failed is not None:
+                self.fail(p.entry.path, f"not restored: {p.failed}")
+                os.unlink(p.temp, dir_fd=p.dir_fd)
+                return
+            self._finish(p.dir_fd, p.temp, p.parts[-1], p.entry, fd=p.fd)
+            with self._lock:
+                self.files += 1
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(p.temp, dir_fd=p.dir_fd)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(p.fd)
+            with contextlib.suppress(OSError):
+                os.close(p.dir_fd)
+
+    def fetch(self, key: tuple[str, int], users: list[tuple[_Pending, int, int, int]]) -> None:
+        """Fetch one chunk and write its slices into every file that needs it."""
+        self.coordinator.check()
+        name, index = key
+        try:
+            try:
+                data = self.reader.chunk(name, index)
+            except CorruptData:
+                data = self.reader.chunk(name, index)  # a second fetch: transient faults happen
+        except CorruptData as exc:
+            for p, *_ in users:
+                with p.lock:
+                    p.failed = str(exc)
+            return
+        written = 0
+        for p, file_offset, chunk_offset, length in users:
+            piece = memoryview(data)[chunk_offset : chunk_offset + length]
+            if len(piece) != length:
+                with p.lock:
+                    p.failed = f"chunk {index} of {name!r} is shorter than its extent"
+                continue
+            os.pwrite(p.fd, piece, file_offset)
+            written += length
+        with self._lock:
+            self.bytes_written += written
+
+    def restore_batch(self, batch: list[tuple[list[bytes], ManifestEntry]]) -> None:
+        pending: list[_Pending] = []
+        try:
+            for parts, entry in batch:
+                p = self.open_file(parts, entry)
+                if p is not None:
+                    pending.append(p)
+            by_chunk: dict[tuple[str, int], list[tuple[_Pending, int, int, int]]] = defaultdict(
+                list
+            )
+            for p in pending:
+                for e in p.entry.extents:
+                    by_chunk[(e.object_name, e.chunk_index)].append(
+                        (p, e.file_offset, e.chunk_offset, e.length)
+                    )
+            pool = BoundedExecutor(
+                self.options.connections, self.options.connections * 2, self.coordinator, "fetch"
+            )
+            try:
+                for key, users in by_chunk.items():
+                    pool.submit(self.fetch, key, users)
+            finally:
+                pool.shutdown(wait=True)
+            self.coordinator.raise_if_failed()
+            while pending:
+                self.finish_file(pending.pop())
+        finally:
+            for p in pending:
+                with contextlib.suppress(OSError):
+                    os.close(p.fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(p.temp, dir_fd=p.dir_fd)
+                with contextlib.suppress(OSError):
+                    os.close(p.dir_fd)
+
+    def link(self, parts: list[bytes], entry: ManifestEntry) -> None:
+        assert entry.target is not None
+        try:
+            target_parts = check_path(entry.target)
+        except UnsafePath as exc:
+            self.fail(entry.path, str(exc))
+            return
+        src_dir = self.dirs.open(target_parts[:-1], create=False)
+        dir_fd = self.dirs.open(parts[:-1], create=True)
+        if self._keep_existing(dir_fd, parts[-1], entry):
+            self.skipped += 1
+            return
+        temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
+        try:
+            os.link(
+                target_parts[-1], temp, src_dir_fd=src_dir, dst_dir_fd=dir_fd,
+                follow_symlinks=False,
+            )  # fmt: skip
+        except FileNotFoundError:
+            self.fail(entry.path, "hard link target was not restored")
+            return
+        os.rename(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        with self._lock:
+            self.entries += 1
+
+    def finish_dirs(self) -> None:
+        for parts, entry in sorted(self.dirs_meta, key=lambda d: len(d[0]), reverse=True):
+            fd = self.dirs.open(parts, create=True)
+            if self.options.owners:
+                uid, gid = _owner_ids(entry)
+                with contextlib.suppress(OSError):
+                    os.fchown(fd, uid, gid)
+            os.fchmod(fd, entry.mode)
+            for k, v in entry.xattrs.items():
+                with contextlib.suppress(OSError):
+                    os.setxattr(fd, k, v)
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            with self._lock:
+                self.entries += 1
+
+    def close(self) -> None:
+        self.dirs.close()
+        os.close(self.root_fd)
+
+
+def _proc_path(dir_fd: int, name: bytes) -> bytes:
+    return b"/proc/self/fd/%d/" % dir_fd + name
+
+
+_uid_cache: dict[str, int | None] = {}
+_gid_cache: dict[str, int | None] = {}
+
+
+def _owner_ids(entry: ManifestEntry) -> tuple[int, int]:
+    """uid and gid by name where this system knows the name, else the numeric ids."""
+    import grp
+    import pwd
+
+    uid, gid = entry.uid, entry.gid
+    if entry.user:
+        if entry.user not in _uid_cache:
+            try:
+                _uid_cache[entry.user] = pwd.getpwnam(entry.user).pw_uid
+            except KeyError:
+                _uid_cache[entry.user] = None
+        uid = _uid_cache[entry.user] if _uid_cache[entry.user] is not None else uid  # type: ignore[assignment]
+    if entry.group:
+        if entry.group not in _gid_cache:
+            try:
+                _gid_cache[entry.group] = grp.getgrnam(entry.group).gr_gid
+            except KeyError:
+                _gid_cache[entry.group] = None
+        gid = _gid_cache[entry.group] if _gid_cache[entry.group] is not None else gid  # type: ignore[assignment]
+    return uid, gid
+
+
+def _xxh3_fd(fd: int, size: int) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    pos = 0
+    while pos < size:
+        data = os.pread(fd, min(4 * 1024 * 1024, size - pos), pos)
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return str(h.hexdigest())
+
+
+def _xxh3_of(name: bytes, dir_fd: int) -> str | None:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return _xxh3_fd(fd, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def _target_is_empty(target: bytes) -> bool:
+    try:
+        with os.scandir(target) as it:
+            return next(it, None) is None
+    except FileNotFoundError:
+        return True
+
+
+def run_restore(
+    backend: Any,
+    job_id: str,
+    options: RestoreOptions,
+    on_event: EventSink = ignore,
+    clock: Callable[[], float] = time.monotonic,
+) -> RestoreSummary:
+    """Restore job ``job_id`` into ``options.target``."""
+    started = clock()
+    if options.overwrite is None and not _target_is_empty(options.target):
+        raise TargetNotEmpty(
+            f"{os.fsdecode(options.target)} is not empty; choose --overwrite never, "
+            "if-changed or always"
+        )
+    r = _Restore(backend, job_id, options, on_event)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(0.25):
+            on_event(r.progress())
+
+    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker.start()
+    try:
+        _, entries = r.reader.manifest()
+        batch: list[tuple[list[bytes], ManifestEntry]] = []
+        batch_bytes = 0
+        for entry in entries:
+            if not r.selected(entry):
+                continue
+            r.dirs.trim()
+            try:
+                parts = check_path(entry.path)
+            except UnsafePath as exc:
+                r.fail(entry.path, str(exc))
+                continue
+            try:
+                if entry.kind == "f":
+                    batch.append((parts, entry))
+                    batch_bytes += entry.size
+                    if len(batch) >= options.batch_files or batch_bytes >= options.batch_bytes:
+                        r.restore_batch(batch)
+                        batch, batch_bytes = [], 0
+                elif entry.kind == "h":
+                    r.hardlinks.append((parts, entry))
+                else:
+                    r.place_simple(parts, entry)
+            except UnsafePath as exc:
+                r.fail(entry.path, str(exc))
+        if batch:
+            r.restore_batch(batch)
+        for parts, entry in r.hardlinks:
+            try:
+                r.link(parts, entry)
+            except UnsafePath as exc:
+                r.fail(entry.path, str(exc))
+        r.finish_dirs()
+    finally:
+        stop.set()
+        ticker.join()
+        r.close()
+    on_event(r.progress())
+    return RestoreSummary(
+        job_id=job_id,
+        files=r.files,
+        entries=r.entries,
+        bytes_written=r.bytes_written,
+        skipped=r.skipped,
+        retries=r.backend.retries,
+        failures=tuple(r.failures),
+        seconds=clock() - started,
+    )
+
+
+def restore_one_to_stream(
+    backend: Any, job_id: str, path: bytes, out: BinaryIO, on_event: EventSink = ignore
+) -> int:
+    """Write one file of a job to ``out`` (``--to -``); returns the bytes written.
+
+    The content is verified (chunk checksums, then the file's xxh3-128) before
+    the first byte is written, so a stream never carries unverified data.
+    """
+    import xxhash
+
+    reader = JobReader(RetryingBackend(backend, RetryPolicy(), on_event), job_id)
+    _, entries = reader.manifest()
+    wanted = path.strip(b"/")
+    for entry in entries:
+        if entry.path != wanted:
+            continue
+        if entry.kind != "f":
+            raise CryoError(f"{path.decode('utf-8', 'backslashreplace')} is not a regular file")
+        data = reader.file_bytes(entry)
+        if xxhash.xxh3_128(data).hexdigest() != entry.xxh3:
+            raise CorruptData(
+                f"{path.decode('utf-8', 'backslashreplace')}: content fails its xxh3-128 checksum"
+            )
+        out.write(data)
+        out.flush()
+        return len(data)
+    raise FileNotFoundError(path.decode("utf-8", "backslashreplace"))
+
+
+def iter_bad_files(
+    backend: Any, job_id: str, connections: int = 8, on_event: EventSink = ignore
+) -> Iterator[FileWarning]:
+    """``verify --read-data``: every chunk fetched and verified; yields files that fail."""
+    reader = JobReader(RetryingBackend(backend, RetryPolicy(), on_event), job_id)
+    _, entries = reader.manifest()
+    coordinator = Coordinator()
+    users: dict[tuple[str, int], list[bytes]] = defaultdict(list)
+    for entry in entries:
+        for e in entry.extents:
+            users[(e.object_name, e.chunk_index)].append(entry.path)
+    bad: dict[bytes, str] = {}
+    lock = threading.Lock()
+
+    def check(key: tuple[str, int]) -> None:
+        try:
+            reader.chunk(*key)
+        except CorruptData as exc:
+            with lock:
+                for p in users[key]:
+                    bad.setdefault(p, str(exc))
+
+    pool = BoundedExecutor(connections, connections * 2, coordinator, "verify")
+    try:
+        for key in users:
+            pool.submit(check, key)
+    finally:
+        pool.shutdown(wait=True)
+    coordinator.raise_if_failed()
+    for p in sorted(bad):
+        yield FileWarning(p.decode("utf-8", "backslashreplace"), bad[p])
