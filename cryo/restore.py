@@ -39,6 +39,7 @@ import contextlib
 import errno
 import fnmatch
 import os
+import re
 import secrets
 import stat
 import threading
@@ -56,7 +57,8 @@ from cryo.manifest import ManifestEntry
 from cryo.retry import RetryingBackend, RetryPolicy
 
 OVERWRITE_POLICIES = ("never", "if-changed", "always")
-_TEMP_PREFIX = b".cryo-"
+_TEMP_PREFIX = b".cryo-restore-"
+_TEMP_RE = re.compile(rb"^\.cryo-restore-[0-9a-f]{16}\.tmp$")
 
 
 class UnsafePath(CryoError):
@@ -283,14 +285,18 @@ class _Restore:
                     self.skipped += 1
                     return
                 os.unlink(name, dir_fd=dir_fd)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o700, dir_fd=dir_fd)
+                st = None
+            if st is None:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=dir_fd)
+            else:
+                _sweep_temporaries(self.dirs.open(parts, create=False))
             self.dirs_meta.append((parts, entry))
             return
         if self._keep_existing(dir_fd, name, entry):
             self.skipped += 1
             return
-        temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
+        temp = _temp_name()
         if entry.kind == "l":
             assert entry.target is not None
             os.symlink(entry.target, temp, dir_fd=dir_fd)
@@ -351,7 +357,7 @@ class _Restore:
         if self._keep_existing(dir_fd, parts[-1], entry):
             self.skipped += 1
             return None
-        temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
+        temp = _temp_name()
         fd = os.open(
             temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
             dir_fd=dir_fd,
@@ -412,7 +418,11 @@ class _Restore:
         pending: list[_Pending] = []
         try:
             for parts, entry in batch:
-                p = self.open_file(parts, entry)
+                try:
+                    p = self.open_file(parts, entry)
+                except UnsafePath as exc:
+                    self.fail(entry.path, str(exc))
+                    continue
                 if p is not None:
                     pending.append(p)
             by_chunk: dict[tuple[str, int], list[tuple[_Pending, int, int, int]]] = defaultdict(
@@ -455,7 +465,7 @@ class _Restore:
         if self._keep_existing(dir_fd, parts[-1], entry):
             self.skipped += 1
             return
-        temp = _TEMP_PREFIX + secrets.token_hex(8).encode()
+        temp = _temp_name()
         try:
             os.link(
                 target_parts[-1], temp, src_dir_fd=src_dir, dst_dir_fd=dir_fd,
@@ -486,6 +496,22 @@ class _Restore:
     def close(self) -> None:
         self.dirs.close()
         os.close(self.root_fd)
+
+
+def _temp_name() -> bytes:
+    return _TEMP_PREFIX + secrets.token_hex(8).encode() + b".tmp"
+
+
+def _sweep_temporaries(dir_fd: int) -> None:
+    """Remove files an interrupted restore left under temporary names."""
+    with os.scandir(dir_fd) as it:
+        names = [d.name for d in it if d.is_file(follow_symlinks=False)]
+    for name in names:
+        if isinstance(name, str):
+            name = os.fsencode(name)
+        if _TEMP_RE.match(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
 
 
 def _proc_path(dir_fd: int, name: bytes) -> bytes:

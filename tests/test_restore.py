@@ -1,0 +1,269 @@
+"""cryo restore and cryo verify: exact trees back, corruption caught and named,
+hostile jobs refused, interrupted restores resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from cryo.backup import BackupOptions, run_backup
+from cryo.checksums import chunk_checksum, summary_checksum
+from cryo.encoding import encode
+from cryo.jobreader import JobReader
+from cryo.manifest import MANIFEST_OBJECT, Extent, ManifestEntry, footer, header
+from cryo.restore import RestoreOptions, run_restore
+from cryo.storage.local import LocalBackend
+
+from .test_backup import CLI, KiB, MiB, run_cli, small_chunks, tree, xattrs_supported
+
+__all__ = ["tree"]  # the fixture, re-used from the backup tests
+
+
+def snapshot(root: Path) -> dict[bytes, tuple[object, ...]]:
+    """Everything a restore must bring back, keyed by path relative to ``root``."""
+    out: dict[bytes, tuple[object, ...]] = {}
+    base = os.fsencode(root)
+    inodes: dict[int, bytes] = {}
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            relp = os.path.relpath(p, base)
+            kind = stat.S_IFMT(st.st_mode)
+            info: tuple[object, ...] = (kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+            if stat.S_ISLNK(st.st_mode):
+                info += (os.readlink(p),)
+            else:
+                info += (st.st_mtime_ns,)
+                try:
+                    xattrs = {n: os.getxattr(p, n) for n in os.listxattr(p)}
+                except OSError:
+                    xattrs = {}
+                info += (tuple(sorted(xattrs.items())),)
+            if stat.S_ISREG(st.st_mode):
+                with open(p, "rb") as f:
+                    info += (f.read(),)
+                if st.st_nlink > 1:
+                    info += ("link-group", inodes.setdefault(st.st_ino, relp))
+            out[relp] = info
+    return out
+
+
+def backup_tree(tmp_path: Path, src: Path) -> tuple[LocalBackend, str]:
+    backend = LocalBackend(tmp_path / "repo")
+    summary = run_backup(backend, small_chunks(paths=(os.fsencode(src),)))
+    return backend, summary.job_id
+
+
+def test_full_round_trip_is_exact(tmp_path: Path, tree: Path) -> None:
+    backend, job = backup_tree(tmp_path, tree)
+    # the directory mtimes must survive the restore writing into them
+    os.utime(tree / "dir", ns=(1_500_000_000_000_000_001, 1_500_000_000_000_000_001))
+    backend, job = backup_tree(tmp_path, tree)
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert summary.failures == ()
+    restored = out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))
+    assert snapshot(restored) == snapshot(tree)
+    sparse = os.stat(restored / "sparse")
+    assert sparse.st_size == 5 * MiB and sparse.st_blocks * 512 < 1 * MiB  # holes stay holes
+    assert os.stat(restored / "dir").st_mtime_ns == 1_500_000_000_000_000_001
+    if xattrs_supported(tmp_path):
+        assert os.getxattr(restored / "small.txt", "user.comment") == b"\x00binary\xffvalue"
+    leftovers = [p for p in out.rglob(".cryo-*")]
+    assert leftovers == []
+
+
+def test_include_and_exclude(tmp_path: Path, tree: Path) -> None:
+    backend, job = backup_tree(tmp_path, tree)
+    prefix = os.fsdecode(os.fsencode(tree).lstrip(b"/"))
+    out = tmp_path / "only-dir"
+    run_restore(
+        backend,
+        job,
+        RestoreOptions(
+            target=os.fsencode(out),
+            includes=(os.fsencode(f"{prefix}/dir"),),
+            excludes=(b"*.log",),
+        ),
+    )
+    got = {p.relative_to(out / prefix).as_posix() for p in (out / prefix).rglob("*")}
+    assert got == {"dir", "dir/nested", "dir/nested/random.bin", "dir/hardlink"}
+
+
+def test_refuses_non_empty_target_without_overwrite(tmp_path: Path, tree: Path) -> None:
+    backend, job = backup_tree(tmp_path, tree)
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "precious").write_text("keep me")
+    r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--to", str(out))
+    assert r.returncode == 1 and b"not empty" in r.stderr and b"--overwrite" in r.stderr
+    assert (out / "precious").read_text() == "keep me"
+
+
+def _corrupt_chunk_of(backend: LocalBackend, job: str, path: bytes) -> Path:
+    reader = JobReader(backend, job)
+    _, entries = reader.manifest()
+    entry = next(e for e in entries if e.path == path)
+    ext = entry.extents[0]
+    chunk = reader.chunks_of(ext.object_name)[ext.chunk_index]
+    sha = bytes.hex(__import__("base64").b64decode(chunk.checksum))
+    f = backend.root / "chunks" / sha[:2] / sha
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+    return f
+
+
+def test_corrupt_chunk_is_named_and_never_restored(tmp_path: Path, tree: Path) -> None:
+    backend, job = backup_tree(tmp_path, tree)
+    victim = os.fsencode(tree / "dir" / "nested" / "random.bin").lstrip(b"/")
+    _corrupt_chunk_of(backend, job, victim)
+    out = tmp_path / "out"
+    r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--to", str(out), "--json")
+    assert r.returncode == 1
+    summary = json.loads(r.stdout.decode().splitlines()[-1])
+    assert [e["path"] for e in summary["errors"]] == [os.fsdecode(victim)]
+    assert "checksum" in summary["errors"][0]["message"]
+    restored = out / os.fsdecode(victim)
+    assert not restored.exists()
+    assert (out / os.fsdecode(victim)).parent.is_dir()
+    assert (restored.parent.parent / "text.log").read_bytes() == (
+        tree / "dir" / "text.log"
+    ).read_bytes()
+    assert list(out.rglob(".cryo-*")) == []
+    # verify --read-data names the same file
+    v = run_cli("verify", job, "--repo", str(tmp_path / "repo"), "--read-data")
+    assert v.returncode == 1
+    assert os.fsdecode(victim).encode() in v.stderr
+    ok = run_cli("verify", job, "--repo", str(tmp_path / "repo"))
+    assert ok.returncode == 0  # structure is sound; only the data is bad
+
+
+def test_verify_read_data_passes_on_a_clean_job(tmp_path: Path, tree: Path) -> None:
+    backend, job = backup_tree(tmp_path, tree)
+    r = run_cli("verify", job, "--repo", str(tmp_path / "repo"), "--read-data")
+    assert r.returncode == 0, r.stderr
+    assert b"all data read and verified" in r.stdout
+    r = run_cli("verify", "no-such-job", "--repo", str(tmp_path / "repo"))
+    assert r.returncode == 11
+
+
+def _crafted_job(backend: LocalBackend, entries: list[ManifestEntry], data: bytes) -> str:
+    """A job whose manifest says whatever the test wants, written through the API."""
+    job = backend.create_job().job_id
+    stored = encode(data, None)
+    backend.put_object(job, "data/x", stored, len(stored), chunk_checksum(stored))
+    lines = [header(job=job, host="evil", paths=["/"], chunk_size=MiB, created="now")]
+    lines += [e.to_json() for e in entries]
+    lines.append(footer(len(entries)))
+    manifest = encode(("\n".join(lines) + "\n").encode(), 3)
+    upload_id = backend.start_object(job, MANIFEST_OBJECT)
+    c = chunk_checksum(manifest)
+    backend.put_chunk(job, upload_id, 0, manifest, len(manifest), c)
+    backend.notify_object_complete(job, upload_id, summary_checksum([c]))
+    backend.complete_job(job)
+    return job
+
+
+def _file(path: bytes, data: bytes) -> ManifestEntry:
+    import xxhash
+
+    return ManifestEntry(
+        path=path, kind="f", mode=0o644, size=len(data),
+        extents=[Extent(0, "data/x", 0, 0, len(data))], xxh3=xxhash.xxh3_128(data).hexdigest(),
+    )  # fmt: skip
+
+
+def test_hostile_paths_are_refused(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "repo")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    data = b"pwned"
+    entries = [
+        _file(b"../escape", data),
+        _file(os.fsencode(outside / "abs"), data),  # absolute path
+        _file(b"ok/../../up", data),
+        ManifestEntry(path=b"link", kind="l", target=os.fsencode(outside)),
+        _file(b"link/through-symlink", data),
+        ManifestEntry(path=b"hl", kind="h", target=b"../../etc/passwd"),
+        _file(b"fine", data),
+    ]
+    job = _crafted_job(backend, entries, data)
+    out = tmp_path / "target"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    refused = {f.path for f in summary.failures}
+    assert refused == {"../escape", str(outside / "abs"), "ok/../../up",
+                       "link/through-symlink", "hl"}  # fmt: skip
+    assert list(outside.iterdir()) == []
+    assert not (tmp_path / "escape").exists() and not (tmp_path / "up").exists()
+    assert (out / "fine").read_bytes() == data
+    assert os.readlink(out / "link") == os.fsencode(outside).decode()
+
+
+def test_interrupted_restore_resumes_with_if_changed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for d in range(20):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(100):
+            (src / f"d{d}" / f"f{i}").write_bytes(os.urandom(2 * KiB))
+    (src / "big").write_bytes(os.urandom(8 * MiB))
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [*CLI, "restore", job, "--repo", str(tmp_path / "repo"), "--to", str(out), "-q",
+         "--connections", "1"],
+    )  # fmt: skip
+    prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and len(list(prefix.glob("d*/f*"))) < 300:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(prefix.glob("d*/f*")))
+    r = run_cli(
+        "restore", job, "--repo", str(tmp_path / "repo"), "--to", str(out),
+        "--overwrite", "if-changed", "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.decode().splitlines()[-1])
+    assert summary["skipped"] >= done_before > 0
+    assert list(out.rglob(".cryo-*")) == []  # the killed run's temporary files are gone
+    for p in src.rglob("*"):
+        if p.is_file():
+            assert (prefix / p.relative_to(src)).read_bytes() == p.read_bytes()
+
+
+def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:
+    backend, job = backup_tree(tmp_path, tree)
+    rel = os.fsdecode(os.fsencode(tree / "dir" / "text.log").lstrip(b"/"))
+    r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--path", rel, "--to", "-")
+    assert r.returncode == 0
+    assert r.stdout == (tree / "dir" / "text.log").read_bytes()
+    r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--path", "nope", "--to", "-")
+    assert r.returncode == 2 and b"no such file" in r.stderr
+
+
+@pytest.mark.parametrize("policy", ["never", "always"])
+def test_overwrite_policies(tmp_path: Path, policy: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("from the backup")
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    out = tmp_path / "out"
+    target = out / os.fsdecode(os.fsencode(src / "f").lstrip(b"/"))
+    target.parent.mkdir(parents=True)
+    target.write_text("local edit")
+    run_restore(backend, job, RestoreOptions(target=os.fsencode(out), overwrite=policy))
+    expected = "local edit" if policy == "never" else "from the backup"
+    assert target.read_text() == expected
