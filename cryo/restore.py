@@ -505,10 +505,8 @@ def _temp_name() -> bytes:
 def _sweep_temporaries(dir_fd: int) -> None:
     """Remove files an interrupted restore left under temporary names."""
     with os.scandir(dir_fd) as it:
-        names = [d.name for d in it if d.is_file(follow_symlinks=False)]
+        names = [os.fsencode(d.name) for d in it if d.is_file(follow_symlinks=False)]
     for name in names:
-        if isinstance(name, str):
-            name = os.fsencode(name)
         if _TEMP_RE.match(name):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dir_fd)

@@ -99,7 +99,7 @@ def test_include_and_exclude(tmp_path: Path, tree: Path) -> None:
 
 
 def test_refuses_non_empty_target_without_overwrite(tmp_path: Path, tree: Path) -> None:
-    backend, job = backup_tree(tmp_path, tree)
+    _, job = backup_tree(tmp_path, tree)
     out = tmp_path / "busy"
     out.mkdir()
     (out / "precious").write_text("keep me")
@@ -148,7 +148,7 @@ def test_corrupt_chunk_is_named_and_never_restored(tmp_path: Path, tree: Path) -
 
 
 def test_verify_read_data_passes_on_a_clean_job(tmp_path: Path, tree: Path) -> None:
-    backend, job = backup_tree(tmp_path, tree)
+    _, job = backup_tree(tmp_path, tree)
     r = run_cli("verify", job, "--repo", str(tmp_path / "repo"), "--read-data")
     assert r.returncode == 0, r.stderr
     assert b"all data read and verified" in r.stdout
@@ -244,7 +244,7 @@ def test_interrupted_restore_resumes_with_if_changed(tmp_path: Path) -> None:
 
 
 def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:
-    backend, job = backup_tree(tmp_path, tree)
+    _, job = backup_tree(tmp_path, tree)
     rel = os.fsdecode(os.fsencode(tree / "dir" / "text.log").lstrip(b"/"))
     r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--path", rel, "--to", "-")
     assert r.returncode == 0
