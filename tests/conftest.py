@@ -1,7 +1,9 @@
 """Fixtures shared by the whole suite.
 
 ``backend`` is parametrised over every storage implementation the
-conformance suite runs against; each instance gets a fresh repository.
+conformance suite runs against: ``local`` gets a fresh repository,
+``remote`` a ``RemoteBackend`` with a fresh access key on one ``cryo server``
+process started for the whole session (so tests cannot see each other's jobs).
 """
 
 from __future__ import annotations
@@ -14,19 +16,39 @@ import pytest
 from cryo.storage.api import Backend
 from cryo.storage.local import LocalBackend
 
-BACKEND_KINDS = ["local"]
+from .server_helpers import ServerProcess
+
+BACKEND_KINDS = ["local", "remote"]
 
 
-def _make_local(path: Path) -> Backend:
+def _make_local(request: pytest.FixtureRequest, path: Path) -> Backend:
     return LocalBackend(path)
 
 
-MAKERS: dict[str, Callable[[Path], Backend]] = {"local": _make_local}
+def _make_remote(request: pytest.FixtureRequest, path: Path) -> Backend:
+    server: ServerProcess = request.getfixturevalue("cryo_server")
+    return server.client()
+
+
+MAKERS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
+    "local": _make_local,
+    "remote": _make_remote,
+}
+
+
+@pytest.fixture(scope="session")
+def cryo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One ``cryo server`` on 127.0.0.1 (port 0) for the session; stopped with SIGTERM."""
+    server = ServerProcess(tmp_path_factory.mktemp("cryo-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(params=BACKEND_KINDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    b = MAKERS[request.param](tmp_path / "repo")
+    b = MAKERS[request.param](request, tmp_path / "repo")
     try:
         yield b
     finally:

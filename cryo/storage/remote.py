@@ -26,6 +26,7 @@ from cryo.errors import (
     CryoError,
     DataAlreadyExistsException,
     EndpointUnreachable,
+    IllegalArgumentException,
     ServiceInternalException,
     StorageError,
 )
@@ -71,6 +72,9 @@ def _translate(exc: BaseException) -> CryoError:
         if status in (403, 401):
             return AccessDeniedException(message)
         return ServiceInternalException(f"unexpected error {code or status}: {message}")
+    if isinstance(exc, bx.ParamValidationError):
+        # botocore checks the model's constraints before sending; same error as the server's.
+        return IllegalArgumentException(str(exc.kwargs.get("report") or exc))
     if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
         return AccessDeniedException(f"no usable AWS credentials: {exc}")
     if isinstance(
@@ -319,7 +323,7 @@ class RemoteBackend:
                 finally:
                     body.close()
         return ObjectMetadata(
-            r.get("MetadataString"),
+            _header_text(r.get("MetadataString")),
             blob,
             int(r.get("MetadataBlobLength") or 0),
             r.get("MetadataBlobChecksum"),
@@ -339,7 +343,8 @@ class RemoteBackend:
             raise AccessDeniedException("no usable AWS credentials")
         url = self.endpoint_url + path
         if query:
-            url += "?" + urlencode(dict(query), quote_via=quote)
+            # Encoded as SigV4 canonicalises a query (RFC 3986 unreserved characters bare).
+            url += "?" + urlencode(dict(query), safe="-_.~", quote_via=quote)
         data = b"" if body is None else json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json"} if body is not None else {}
         request = AWSRequest(method=method, url=url, data=data, headers=headers)
@@ -423,6 +428,17 @@ def _job_api_error(status: int, headers: Mapping[str, str], payload: bytes) -> S
     if cls is None:
         return ServiceInternalException(f"unexpected HTTP {status} from the job API: {message}")
     return cls(message)
+
+
+def _header_text(value: str | None) -> str | None:
+    """A header value as sent: HTTP clients decode header bytes as Latin-1, the server
+    sends UTF-8 (a MetadataString may hold any character but a line break)."""
+    if value is None:
+        return None
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return value
 
 
 def _maybe(kwargs: dict[str, Any], key: str, value: object) -> None:
