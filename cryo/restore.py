@@ -516,31 +516,29 @@ def _proc_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/" % dir_fd + name
 
 
-_uid_cache: dict[str, int | None] = {}
-_gid_cache: dict[str, int | None] = {}
+_id_cache: dict[tuple[str, str], int | None] = {}
+
+
+def _id_by_name(kind: str, name: str | None, fallback: int) -> int:
+    """The local id of a user (``kind`` "u") or group ("g") name; ``fallback`` if unknown."""
+    import grp
+    import pwd
+
+    if not name:
+        return fallback
+    key = (kind, name)
+    if key not in _id_cache:
+        try:
+            _id_cache[key] = pwd.getpwnam(name).pw_uid if kind == "u" else grp.getgrnam(name).gr_gid
+        except KeyError:
+            _id_cache[key] = None
+    found = _id_cache[key]
+    return fallback if found is None else found
 
 
 def _owner_ids(entry: ManifestEntry) -> tuple[int, int]:
     """uid and gid by name where this system knows the name, else the numeric ids."""
-    import grp
-    import pwd
-
-    uid, gid = entry.uid, entry.gid
-    if entry.user:
-        if entry.user not in _uid_cache:
-            try:
-                _uid_cache[entry.user] = pwd.getpwnam(entry.user).pw_uid
-            except KeyError:
-                _uid_cache[entry.user] = None
-        uid = _uid_cache[entry.user] if _uid_cache[entry.user] is not None else uid  # type: ignore[assignment]
-    if entry.group:
-        if entry.group not in _gid_cache:
-            try:
-                _gid_cache[entry.group] = grp.getgrnam(entry.group).gr_gid
-            except KeyError:
-                _gid_cache[entry.group] = None
-        gid = _gid_cache[entry.group] if _gid_cache[entry.group] is not None else gid  # type: ignore[assignment]
-    return uid, gid
+    return _id_by_name("u", entry.user, entry.uid), _id_by_name("g", entry.group, entry.gid)
 
 
 def _xxh3_fd(fd: int, size: int) -> str:
