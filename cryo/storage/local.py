@@ -969,7 +969,12 @@ class LocalBackend:
             if m is None:
                 raise ResourceNotFoundException(f"ChunkToken {chunk_token!r} does not exist")
             object_id, idx = int(m.group(1)), int(m.group(2))
-            self._object_in_job(conn, seq, f"o{object_id}", "ChunkToken")
+            try:
+                self._object_in_job(conn, seq, f"o{object_id}", "ChunkToken")
+            except ResourceNotFoundException:
+                raise ResourceNotFoundException(
+                    f"ChunkToken {chunk_token!r} does not exist in this job"
+                ) from None
             row = conn.execute(
                 "SELECT sha, length FROM object_chunks WHERE object_id = ? AND idx = ?",
                 (object_id, idx),
