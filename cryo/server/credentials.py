@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from cryo.errors import CryoError
+from cryo.exitcodes import UsageError
 
 ENV_FILE = "CRYO_SERVER_CREDENTIALS"
 ENV_KEY_ID = "CRYO_SERVER_ACCESS_KEY_ID"
@@ -38,8 +38,8 @@ _SECRET_RE = re.compile(r"^[\x21-\x7e]{1,256}$")
 _RECHECK_SECONDS = 1.0
 
 
-class CredentialsError(CryoError):
-    """The credentials file or environment is not usable."""
+class CredentialsError(UsageError):
+    """The credentials file or environment is not usable (a usage error: exit status 2)."""
 
 
 def parse_credentials(text: str, source: str) -> dict[str, str]:
