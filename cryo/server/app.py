@@ -114,6 +114,8 @@ def run(
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():  # a second signal: stop waiting for requests in progress
+            server.connections.force_close()
         stop.set()
 
     previous: dict[int, Any] = {}

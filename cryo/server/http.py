@@ -266,10 +266,14 @@ class Connections:
                 if idle:
                     self._close_locked(min(idle, key=lambda c: c.idle_since))
 
+    def taken(self) -> None:
+        """A worker took a queued connection."""
+        with self._lock:
+            self._queued -= 1
+
     def start(self, sock: socket.socket) -> _Conn:
         conn = _Conn(sock)
         with self._lock:
-            self._queued -= 1
             self._open.add(conn)
         return conn
 
@@ -405,6 +409,7 @@ class CryoHTTPServer(socketserver.TCPServer):
             if item is None:
                 return
             request, address = item
+            self.connections.taken()
             try:
                 self.finish_request(request, address)
             except (ConnectionError, TimeoutError):
