@@ -672,3 +672,41 @@ def test_server_without_keys_says_how_to_give_them(tmp_path: Path) -> None:
     r = run_cryo("server", "--repo", str(tmp_path / "r"), "--listen", "127.0.0.1:0",
                  "--credentials", str(bad))  # fmt: skip
     assert r.returncode == 2 and "line 1" in r.stderr and "only-one-field" not in r.stderr
+
+
+def _threads_and_fds(pid: int) -> tuple[int, int]:
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = next(int(x.split()[1]) for x in status.splitlines() if x.startswith("Threads:"))
+    return threads, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_bounded_workers_make_room_by_closing_idle_connections(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, "--max-connections", "2")
+    try:
+        key = server.first_key
+        target = "/cryo/v1/jobs"
+
+        def one_request(sock: Any) -> int:
+            headers = signed_headers(server.url, "GET", target, key)
+            sock.sendall(request_head(server.url, "GET", target, headers, 0))
+            return read_response(sock).status
+
+        idle = [connect(server.url), connect(server.url)]
+        assert [one_request(s) for s in idle] == [200, 200]  # both workers now hold a connection
+        started = time.monotonic()
+        third = server.client(key)
+        third.list_jobs()  # a third client is served at once...
+        assert time.monotonic() - started < 5
+        assert idle[0].recv(1) == b""  # ...by closing the connection idle the longest
+        third.close()
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        before = _threads_and_fds(server.process.pid)
+        for _ in range(100):  # connections come and go; threads and descriptors do not pile up
+            with connect(server.url) as sock:
+                assert one_request(sock) == 200
+        time.sleep(0.2)
+        assert _threads_and_fds(server.process.pid) == before
+    finally:
+        assert server.stop() == 0
