@@ -31,14 +31,18 @@ def server(
         typer.Option(
             "--credentials",
             help="File of access keys, one 'ACCESS_KEY_ID SECRET' per line; re-read when it "
-            "changes. [env: CRYO_SERVER_CREDENTIALS; or CRYO_SERVER_ACCESS_KEY_ID and "
-            "CRYO_SERVER_SECRET_ACCESS_KEY for one key]",
+            "changes (env: CRYO_SERVER_CREDENTIALS). CRYO_SERVER_ACCESS_KEY_ID and "
+            "CRYO_SERVER_SECRET_ACCESS_KEY add one key.",
             show_default=False,
         ),
     ] = None,
     region: Annotated[
         str | None,
-        typer.Option("--region", help="Region requests must be signed for. [env: CRYO_REGION]"),
+        typer.Option(
+            "--region",
+            help="Region requests must be signed for (env: CRYO_REGION).",
+            show_default="us-east-1",
+        ),
     ] = None,
     log_format: Annotated[
         str,
