@@ -52,7 +52,7 @@ RepoOption = Annotated[
     Path | None,
     typer.Option(
         "--repo",
-        help="Repository directory of the embedded backend. [env: CRYO_REPO]",
+        help="Repository directory of the embedded backend. (env CRYO_REPO)",
         show_default=False,
     ),
 ]
@@ -60,17 +60,17 @@ EndpointOption = Annotated[
     str | None,
     typer.Option(
         "--endpoint-url",
-        help="Backup Storage endpoint (e.g. a `cryo server`). [env: CRYO_ENDPOINT_URL]",
+        help="Backup Storage endpoint (e.g. a `cryo server`). (env CRYO_ENDPOINT_URL)",
         show_default=False,
     ),
 ]
 RegionOption = Annotated[
     str | None,
-    typer.Option("--region", help="Region used to sign requests. [env: CRYO_REGION]"),
+    typer.Option("--region", help="Region used to sign requests. (env CRYO_REGION)"),
 ]
 ProfileOption = Annotated[
     str | None,
-    typer.Option("--profile", help="AWS profile with the credentials. [env: CRYO_PROFILE]"),
+    typer.Option("--profile", help="AWS profile with the credentials. (env CRYO_PROFILE)"),
 ]
 
 
