@@ -18,7 +18,7 @@ from cryo.checksums import b64_of_digest
 from cryo.encoding import EncodingError, decode
 from cryo.errors import CryoError
 from cryo.manifest import MANIFEST_OBJECT, ManifestEntry, parse_lines, read_entries
-from cryo.storage.api import BackupObject, Chunk
+from cryo.storage.api import BackupObject, Chunk, iter_chunks, iter_objects
 
 
 class CorruptData(CryoError):
@@ -29,15 +29,7 @@ class JobReader:
     def __init__(self, backend: Any, job_id: str) -> None:
         self.backend = backend
         self.job_id = job_id
-        self.objects: dict[str, BackupObject] = {}
-        token = None
-        while True:
-            page = backend.list_objects(job_id, next_token=token)
-            for o in page.objects:
-                self.objects[o.name] = o
-            token = page.next_token
-            if token is None:
-                break
+        self.objects: dict[str, BackupObject] = {o.name: o for o in iter_objects(backend, job_id)}
         self._chunks: dict[str, list[Chunk]] = {}
         self._lock = threading.Lock()
 
@@ -49,14 +41,7 @@ class JobReader:
         obj = self.objects.get(name)
         if obj is None:
             raise CorruptData(f"object {name!r} is missing from job {self.job_id}")
-        listed: list[Chunk] = []
-        token = None
-        while True:
-            page = self.backend.list_chunks(self.job_id, obj.object_token, next_token=token)
-            listed.extend(page.chunks)
-            token = page.next_token
-            if token is None:
-                break
+        listed = list(iter_chunks(self.backend, self.job_id, obj.object_token))
         if [c.index for c in listed] != list(range(len(listed))):
             raise CorruptData(f"object {name!r} lists chunks out of order or with gaps")
         with self._lock:

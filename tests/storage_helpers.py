@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cryo.checksums import chunk_checksum, summary_checksum
-from cryo.storage.api import Backend, BackupObject
+from cryo.storage.api import Backend, BackupObject, iter_chunks, iter_objects
 
 
 def upload(
@@ -46,27 +46,13 @@ def put_small(backend: Backend, job_id: str, name: str, data: bytes, **kw: objec
 
 
 def all_objects(backend: Backend, job_id: str, **kw: object) -> list[BackupObject]:
-    out: list[BackupObject] = []
-    token = None
-    while True:
-        page = backend.list_objects(job_id, next_token=token, **kw)  # type: ignore[arg-type]
-        out.extend(page.objects)
-        token = page.next_token
-        if token is None:
-            return out
+    return list(iter_objects(backend, job_id, **kw))
 
 
 def read_object(backend: Backend, job_id: str, obj: BackupObject) -> list[bytes]:
     """Every chunk of ``obj``, each verified against its listed checksum, and the SUMMARY."""
     chunks = []
-    listed = []
-    token = None
-    while True:
-        page = backend.list_chunks(job_id, obj.object_token, next_token=token)
-        listed.extend(page.chunks)
-        token = page.next_token
-        if token is None:
-            break
+    listed = list(iter_chunks(backend, job_id, obj.object_token))
     assert [c.index for c in listed] == list(range(len(listed)))
     for c in listed:
         got = backend.get_chunk(job_id, c.chunk_token)

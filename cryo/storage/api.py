@@ -13,7 +13,7 @@ paged with an opaque marker) and delete.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -258,3 +258,25 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def iter_objects(backend: Backend, job_id: str, **filters: object) -> Iterator[BackupObject]:
+    """Every object of a job that ``filters`` select, paging ListObjects to the end."""
+    token = None
+    while True:
+        page = backend.list_objects(job_id, next_token=token, **filters)  # type: ignore[arg-type]
+        yield from page.objects
+        token = page.next_token
+        if token is None:
+            return
+
+
+def iter_chunks(backend: Backend, job_id: str, object_token: str) -> Iterator[Chunk]:
+    """Every chunk of an object in index order, paging ListChunks to the end."""
+    token = None
+    while True:
+        page = backend.list_chunks(job_id, object_token, next_token=token)
+        yield from page.chunks
+        token = page.next_token
+        if token is None:
+            return
