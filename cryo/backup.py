@@ -235,7 +235,7 @@ class _Run:
         self.packer = _Packer(self)
 
     # -- objects and chunks ---------------------------------------------------
-    def _next_name(self) -> str:
+    def next_name(self) -> str:
         with self._counter_lock:
             self._counter += 1
             return f"{self._prefix}{self._counter:06d}"
@@ -244,7 +244,7 @@ class _Run:
         return _Object(name, self.backend.start_object(self.job_id, name))
 
     def new_object(self) -> _Object:
-        return self.start_object(self._next_name())
+        return self.start_object(self.next_name())
 
     def submit_chunk(self, obj: _Object, index: int, data: bytes) -> None:
         with obj.lock:
@@ -267,7 +267,7 @@ class _Run:
             if finish:
                 obj.completed = True
         if finish:
-            self._complete(obj)
+            self.complete_object(obj)
 
     def seal(self, obj: _Object) -> None:
         """No more chunks will be added; the object completes once they are all stored."""
@@ -277,9 +277,9 @@ class _Run:
             if finish:
                 obj.completed = True
         if finish:
-            self._complete(obj)
+            self.complete_object(obj)
 
-    def _complete(self, obj: _Object) -> None:
+    def complete_object(self, obj: _Object) -> None:
         summary = summary_checksum(obj.checksums[i] for i in range(len(obj.checksums)))
         self.backend.notify_object_complete(self.job_id, obj.upload_id, summary, "SUMMARY")
 
@@ -301,6 +301,10 @@ class _Run:
         with self._stats_lock:
             self.bytes_stored += n
             self.chunks += 1
+
+    def file_done(self) -> None:
+        with self._stats_lock:
+            self.files += 1
 
     def read_bytes(self, n: int) -> None:
         with self._stats_lock:
@@ -354,6 +358,47 @@ def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
     return regions
 
 
+class _Chunker:
+    """A file's slices, in file order, as the chunks of its own object.
+
+    The first slice is held back: if no second one follows it is stored with
+    PutObject (one request), otherwise the object is started and every slice
+    becomes one indexed chunk. Extents are appended to ``extents``.
+    """
+
+    def __init__(self, run: _Run, extents: list[Extent]) -> None:
+        self._run = run
+        self._extents = extents
+        self._obj: _Object | None = None
+        self._first: tuple[int, bytes] | None = None
+        self._index = 0
+
+    def add(self, file_offset: int, data: bytes) -> None:
+        if self._obj is None:
+            if self._first is None:
+                self._first = (file_offset, data)
+                return
+            self._obj = self._run.new_object()
+            self._submit(*self._first)
+            self._first = None
+        self._submit(file_offset, data)
+
+    def _submit(self, file_offset: int, data: bytes) -> None:
+        assert self._obj is not None
+        self._run.submit_chunk(self._obj, self._index, data)
+        self._extents.append(Extent(file_offset, self._obj.name, self._index, 0, len(data)))
+        self._index += 1
+
+    def close(self) -> None:
+        if self._first is not None:
+            offset, data = self._first
+            name = self._run.next_name()
+            self._run.put_single(name, data)
+            self._extents.append(Extent(offset, name, 0, 0, len(data)))
+        elif self._obj is not None:
+            self._run.seal(self._obj)
+
+
 class _Unreadable(Exception):
     """The file itself could not be opened or read (a warning, not a failure)."""
 
@@ -381,8 +426,7 @@ class _FileReader:
             run.warn(entry.source, f"not backed up: {exc}")
             manifest.complete(seq, None)
             return
-        with run._stats_lock:
-            run.files += 1
+        run.file_done()
         manifest.complete(seq, m)
 
     def _read(self, entry: Entry) -> ManifestEntry:
@@ -394,9 +438,7 @@ class _FileReader:
         flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         try:
             fd = os.open(entry.source, flags | getattr(os, "O_NOATIME", 0))
-        except PermissionError:
-            fd = _io(os.open, entry.source, flags)
-        except OSError:
+        except OSError:  # O_NOATIME needs ownership; retry without it, failing for real
             fd = _io(os.open, entry.source, flags)
         try:
             before = _io(os.fstat, fd)
@@ -433,9 +475,7 @@ class _FileReader:
         regions: list[tuple[int, int | None]] = (
             list(_data_regions(fd, size_hint)) if sparse else [(0, None)]
         )
-        obj: _Object | None = None
-        first: tuple[int, bytes] | None = None
-        index = 0
+        chunker = _Chunker(run, m.extents)
         pos = 0
         for start, end in regions:
             _hash_zeros(h, start - pos)
@@ -448,31 +488,14 @@ class _FileReader:
                     break
                 h.update(data)
                 run.read_bytes(len(data))
-                if obj is None and first is None:
-                    first = (pos, data)
-                else:
-                    if obj is None:
-                        assert first is not None
-                        obj = run.new_object()
-                        run.submit_chunk(obj, 0, first[1])
-                        m.extents.append(Extent(first[0], obj.name, 0, 0, len(first[1])))
-                        index = 1
-                        first = None
-                    run.submit_chunk(obj, index, data)
-                    m.extents.append(Extent(pos, obj.name, index, 0, len(data)))
-                    index += 1
+                chunker.add(pos, data)
                 pos += len(data)
                 if end is None and len(data) < want:
                     break
         if sparse and pos < size_hint:
             _hash_zeros(h, size_hint - pos)
             pos = size_hint
-        if first is not None:
-            name = run._next_name()
-            run.put_single(name, first[1])
-            m.extents.append(Extent(first[0], name, 0, 0, len(first[1])))
-        elif obj is not None:
-            run.seal(obj)
+        chunker.close()
         return pos
 
 
@@ -498,36 +521,18 @@ def _read_stream(run: _Run, stream: BinaryIO, name: str) -> ManifestEntry:
         ctime_ns=now,
     )
     h = xxhash.xxh3_128()
-    chunk_size = run.options.chunk_size
-    obj: _Object | None = None
-    index = 0
+    chunker = _Chunker(run, m.extents)
     pos = 0
-    pending: bytes | None = None
     while True:
         run.coordinator.check()
-        data = _read_full(stream, chunk_size)
+        data = _read_full(stream, run.options.chunk_size)
         if not data:
             break
         h.update(data)
         run.read_bytes(len(data))
-        if pending is not None:
-            if obj is None:
-                obj = run.new_object()
-            run.submit_chunk(obj, index, pending)
-            m.extents.append(Extent(pos - len(pending), obj.name, index, 0, len(pending)))
-            index += 1
-        pending = data
+        chunker.add(pos, data)
         pos += len(data)
-    if pending is not None:
-        if obj is None:
-            name_ = run._next_name()
-            run.put_single(name_, pending)
-            m.extents.append(Extent(0, name_, 0, 0, len(pending)))
-        else:
-            run.submit_chunk(obj, index, pending)
-            m.extents.append(Extent(pos - len(pending), obj.name, index, 0, len(pending)))
-    if obj is not None:
-        run.seal(obj)
+    chunker.close()
     m.size = pos
     m.xxh3 = h.hexdigest()
     return m
@@ -597,7 +602,7 @@ def run_backup(
                 for e in scan(list(options.paths), options.scan, run.warn):
                     run.coordinator.check()
                     seq = manifest.reserve()
-                    if e.kind == KIND_FILE and e.size >= 0:
+                    if e.kind == KIND_FILE:
                         run.readers.submit(reader.read, seq, e, manifest)
                     else:
                         manifest.complete(seq, _manifest_entry(e))
@@ -611,7 +616,7 @@ def run_backup(
             run.coordinator.raise_if_failed()
             with manifest.obj.lock:
                 manifest.obj.completed = True
-            run._complete(manifest.obj)
+            run.complete_object(manifest.obj)
         except BaseException as exc:
             run.coordinator.fail(exc)
             for ex in (run.readers, run.cpu, run.uploads):

@@ -18,8 +18,6 @@ class Progress:
     files: int
     bytes_read: int
     bytes_stored: int
-    total_files: int | None = None
-    total_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
