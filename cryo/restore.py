@@ -653,28 +653,53 @@ def restore_one_to_stream(
 ) -> int:
     """Write one file of a job to ``out`` (``--to -``); returns the bytes written.
 
-    The content is verified (chunk checksums, then the file's xxh3-128) before
-    the first byte is written, so a stream never carries unverified data.
+    The file is streamed in file order, one chunk in memory at a time; each
+    chunk's SHA-256 is verified before any of its bytes are written, and the
+    file's xxh3-128 is checked at the end (CorruptData if it differs, so the
+    command fails rather than report success).
     """
     import xxhash
 
     reader = JobReader(RetryingBackend(backend, RetryPolicy(), on_event), job_id)
     _, entries = reader.manifest()
     wanted = path.strip(b"/")
-    for entry in entries:
-        if entry.path != wanted:
-            continue
-        if entry.kind != "f":
-            raise CryoError(f"{path.decode('utf-8', 'backslashreplace')} is not a regular file")
-        data = reader.file_bytes(entry)
-        if xxhash.xxh3_128(data).hexdigest() != entry.xxh3:
-            raise CorruptData(
-                f"{path.decode('utf-8', 'backslashreplace')}: content fails its xxh3-128 checksum"
-            )
+    shown = path.decode("utf-8", "backslashreplace")
+    entry = next((e for e in entries if e.path == wanted), None)
+    if entry is None:
+        raise FileNotFoundError(shown)
+    if entry.kind != "f":
+        raise CryoError(f"{shown} is not a regular file")
+    h = xxhash.xxh3_128()
+    pos = 0
+
+    def emit(data: bytes | memoryview) -> None:
+        h.update(data)
         out.write(data)
-        out.flush()
-        return len(data)
-    raise FileNotFoundError(path.decode("utf-8", "backslashreplace"))
+
+    for e in sorted(entry.extents, key=lambda x: x.file_offset):
+        if e.file_offset < pos:
+            raise CorruptData(f"{shown}: extents overlap")
+        _stream_zeros(emit, e.file_offset - pos)
+        piece = memoryview(reader.chunk(e.object_name, e.chunk_index))[
+            e.chunk_offset : e.chunk_offset + e.length
+        ]
+        if len(piece) != e.length:
+            raise CorruptData(f"{shown}: an extent runs past its chunk")
+        emit(piece)
+        pos = e.file_offset + e.length
+    _stream_zeros(emit, entry.size - pos)
+    out.flush()
+    if h.hexdigest() != entry.xxh3:
+        raise CorruptData(f"{shown}: content fails its xxh3-128 checksum")
+    return entry.size
+
+
+def _stream_zeros(emit: Callable[[bytes], None], n: int) -> None:
+    zeros = bytes(min(n, 1024 * 1024))
+    while n > 0:
+        step = min(n, len(zeros))
+        emit(zeros[:step])
+        n -= step
 
 
 def iter_bad_files(

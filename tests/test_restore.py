@@ -248,7 +248,10 @@ def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:
     rel = os.fsdecode(os.fsencode(tree / "dir" / "text.log").lstrip(b"/"))
     r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--path", rel, "--to", "-")
     assert r.returncode == 0
-    assert r.stdout == (tree / "dir" / "text.log").read_bytes()
+    assert r.stdout == (tree / "dir" / "text.log").read_bytes()  # several chunks, in order
+    sparse = os.fsdecode(os.fsencode(tree / "sparse").lstrip(b"/"))
+    r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--path", sparse, "--to", "-")
+    assert r.returncode == 0 and r.stdout == (tree / "sparse").read_bytes()  # holes as zeros
     r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--path", "nope", "--to", "-")
     assert r.returncode == 2 and b"no such file" in r.stderr
 
