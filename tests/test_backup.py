@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import stat
 import subprocess
 import sys
@@ -311,7 +310,6 @@ def test_memory_stays_bounded_for_many_files(tmp_path: Path) -> None:
     code, rss = _peak_rss_mib_of([*CLI, "backup", str(src), "--repo", str(tmp_path / "r"), "-q"])
     assert code == 0
     assert rss < 300, f"peak RSS {rss:.0f} MiB"
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss > 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
