@@ -38,10 +38,6 @@ changed while read (each one is named on stderr); other codes: see README.
 """
 
 
-def _split_csv(values: list[str] | None) -> tuple[str, ...]:
-    return tuple(values or ())
-
-
 @app.command("backup", help=HELP)
 @handles_errors
 def backup(

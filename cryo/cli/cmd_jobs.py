@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -54,6 +53,3 @@ def jobs(
                 break
     finally:
         backend.close()
-
-
-_ = Path  # the RepoOption annotation refers to Path at runtime
