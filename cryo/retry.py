@@ -44,9 +44,13 @@ class RetryingBackend:
         self._policy = policy or RetryPolicy()
         self._on_event = on_event
         self._lock = threading.Lock()
+        self._wrapped: dict[str, Any] = {}
         self.retries = 0
 
     def __getattr__(self, name: str) -> Any:
+        wrapped = self._wrapped.get(name)
+        if wrapped is not None:
+            return wrapped
         target = getattr(self._backend, name)
         if not callable(target) or name.startswith("_") or name == "close":
             return target
@@ -71,6 +75,8 @@ class RetryingBackend:
         def call(*args: Any, **kwargs: Any) -> Any:
             return retrying(target, *args, **kwargs)
 
+        # One Retrying per method: tenacity keeps each call's state thread-local.
+        self._wrapped[name] = call
         return call
 
     def close(self) -> None:
