@@ -27,6 +27,29 @@ Algorithm
    is marked COMPLETED, or PARTIAL if some files could not be read as they
    were.
 
+Incremental runs and resumption
+-------------------------------
+A backup of the same host and paths as an earlier complete job of the same
+pool uses it as its **base**: the new job is created as a copy-on-write
+copy of the base (every object shared, nothing copied), and the base's
+manifest is read alongside the scan. Because both are in the same order
+(roots sorted, children sorted by name), a single forward cursor matches
+every scanned path to its old entry with constant memory. A regular file
+whose size, mtime, ctime and inode are unchanged keeps its old extents and
+is neither read nor uploaded. At the end, every object no entry of the new
+manifest uses (files deleted or changed since the base) is removed from the
+new job with DeleteObject; the base is untouched, and each job remains a
+complete snapshot on its own.
+
+Every data object carries the entries whose bytes it holds: a multi-chunk
+object in its MetadataBlob (JSON lines, as in the manifest), a PutObject
+in a compact MetadataString (path hash, size, times, inode, xxh3). A run
+that is retried with the same client token finds the job it left
+IN_PROGRESS, reads those entries back from the objects it completed, and
+reuses them exactly like base entries, so nothing already committed is
+sent again. The client token comes from the caller or from a pending-run
+record (:mod:`cryo.runstate`).
+
 Bounds: every stage is a ``BoundedExecutor``; a full stage blocks the one
 before it, down to the scanner, so memory stays flat whatever the input
 (at most about ``chunk_size`` times 2 * (read + cpu + connections) bytes). The
@@ -40,7 +63,9 @@ failure (after the retry wrapper gave up) stops every stage through the
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import secrets
 import socket
@@ -48,24 +73,48 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from cryo import __version__
-from cryo.checksums import chunk_checksum, summary_checksum
+from cryo.checksums import CHUNK_ALGORITHM, chunk_checksum, summary_checksum
 from cryo.encoding import encode
+from cryo.errors import IllegalArgumentException, ResourceNotFoundException
 from cryo.events import EventSink, FileWarning, Progress, ignore
 from cryo.executor import BoundedExecutor, Coordinator
-from cryo.manifest import MANIFEST_OBJECT, Extent, ManifestEntry, footer, header
+from cryo.jobreader import CorruptData, JobReader
+from cryo.jobs import DEFAULT_POOL, find_base
+from cryo.manifest import (
+    MANIFEST_OBJECT,
+    Extent,
+    ManifestEntry,
+    ManifestError,
+    footer,
+    header,
+    parse_lines,
+)
 from cryo.retry import RetryingBackend, RetryPolicy
-from cryo.scan import KIND_FILE, Entry, ScanOptions, scan
+from cryo.runstate import PendingRecord, PendingRun
+from cryo.scan import KIND_FILE, Entry, ScanOptions, canonical_roots, scan
+from cryo.storage.api import (
+    FINAL_STATUSES,
+    JOB_COMPLETED,
+    JOB_PARTIAL,
+    MAX_METADATA_STRING_BYTES,
+    Job,
+    iter_objects,
+)
 
 MiB = 1024 * 1024
 DEFAULT_CHUNK_SIZE = 4 * MiB
 DEFAULT_PACK_THRESHOLD = 1 * MiB
 DEFAULT_PACK_CHUNKS = 16
 MAX_PENDING_ENTRIES = 20_000
+MAX_ENTRIES_BLOB = 3 * MiB
+"""A pack object is sealed once the entries it describes reach this size."""
+ENTRIES_MARKER = "cryo:entries"
+"""MetadataString of a data object whose MetadataBlob lists its entries."""
 _ZEROS = bytes(MiB)
 
 
@@ -83,9 +132,14 @@ class BackupOptions:
     read_workers: int = 2
     cpu_workers: int = 2
     connections: int = 8
-    pool_id: str | None = None
+    pool_id: str = DEFAULT_POOL
     tags: tuple[str, ...] = ()
     client_token: str | None = None
+    """Continue (or, if complete, return) the job created with this token."""
+    base_job_id: str | None = None
+    """Base of the incremental; None picks the newest matching complete job."""
+    full: bool = False
+    """Read every file: no base job."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -101,6 +155,14 @@ class BackupSummary:
     retries: int
     warnings: tuple[FileWarning, ...]
     seconds: float
+    files_unchanged: int = 0
+    """Files reused from the base job or a resumed run, neither read nor uploaded."""
+    source_bytes: int = 0
+    base_job_id: str | None = None
+    resumed: bool = False
+    objects_deleted: int = 0
+    already_complete: bool = False
+    """The client token named a job that was already complete; nothing was done."""
 
 
 def display_path(path: bytes) -> str:
@@ -110,7 +172,17 @@ def display_path(path: bytes) -> str:
 class _Object:
     """A data object being uploaded: chunks in flight, checksums, completion."""
 
-    __slots__ = ("checksums", "completed", "lock", "name", "pending", "sealed", "upload_id")
+    __slots__ = (
+        "checksums",
+        "completed",
+        "entries",
+        "entries_bytes",
+        "lock",
+        "name",
+        "pending",
+        "sealed",
+        "upload_id",
+    )
 
     def __init__(self, name: str, upload_id: str) -> None:
         self.name = name
@@ -120,6 +192,15 @@ class _Object:
         self.sealed = False
         self.completed = False
         self.lock = threading.Lock()
+        self.entries: list[bytes] = []
+        self.entries_bytes = 0
+
+    def describe(self, m: ManifestEntry) -> None:
+        """Record that ``m``'s bytes live here (a resumed run can reuse them)."""
+        if m.warning is None:
+            line = m.to_json().encode("utf-8", "surrogateescape")
+            self.entries.append(line)
+            self.entries_bytes += len(line) + 1
 
 
 class _Packer:
@@ -132,35 +213,39 @@ class _Packer:
         self._obj: _Object | None = None
         self._index = 0
 
-    def add(self, data: bytes) -> tuple[str, int, int]:
-        """Place ``data``; returns (object name, chunk index, offset in the chunk)."""
+    def add(self, data: bytes, m: ManifestEntry) -> None:
+        """Place the whole content of file ``m`` (complete but for its extent) in a pack."""
         with self._lock:
+            if self._obj is not None and self._obj.entries_bytes >= MAX_ENTRIES_BLOB:
+                self._seal()
             if self._obj is None:
                 self._obj = self._run.new_object()
                 self._index = 0
-            where = (self._obj.name, self._index, len(self._buf))
+            m.extents.append(Extent(0, self._obj.name, self._index, len(self._buf), len(data)))
+            self._obj.describe(m)
             self._buf += data
             if len(self._buf) >= self._run.options.chunk_size:
                 self._flush()
-            return where
+                if self._index >= self._run.options.pack_chunks:
+                    self._seal()
 
     def _flush(self) -> None:
         assert self._obj is not None
         self._run.submit_chunk(self._obj, self._index, bytes(self._buf))
         self._buf.clear()
         self._index += 1
-        if self._index >= self._run.options.pack_chunks:
-            self._run.seal(self._obj)
-            self._obj = None
+
+    def _seal(self) -> None:
+        assert self._obj is not None
+        if self._buf:
+            self._flush()
+        self._run.seal(self._obj)
+        self._obj = None
 
     def close(self) -> None:
         with self._lock:
             if self._obj is not None:
-                if self._buf:
-                    self._flush()
-                if self._obj is not None:
-                    self._run.seal(self._obj)
-                    self._obj = None
+                self._seal()
 
 
 class _ManifestWriter:
@@ -176,6 +261,7 @@ class _ManifestWriter:
         self._index = 0
         self._buf = bytearray(head.encode("utf-8") + b"\n")
         self.count = 0
+        self.referenced: set[str] = set()
         self.obj = run.start_object(MANIFEST_OBJECT)
 
     def reserve(self) -> int:
@@ -193,6 +279,7 @@ class _ManifestWriter:
                 self._next += 1
                 self._slots.release()
                 if e is not None:
+                    self.referenced.update(x.object_name for x in e.extents)
                     self._buf += e.to_json().encode("utf-8", "surrogateescape") + b"\n"
                     self.count += 1
                     if len(self._buf) >= self._run.options.chunk_size:
@@ -224,6 +311,8 @@ class _Run:
         self._counter_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self.files = 0
+        self.files_unchanged = 0
+        self.source_bytes = 0
         self.bytes_read = 0
         self.bytes_stored = 0
         self.chunks = 0
@@ -281,19 +370,35 @@ class _Run:
 
     def complete_object(self, obj: _Object) -> None:
         summary = summary_checksum(obj.checksums[i] for i in range(len(obj.checksums)))
-        self.backend.notify_object_complete(self.job_id, obj.upload_id, summary, "SUMMARY")
+        if not obj.entries:
+            self.backend.notify_object_complete(self.job_id, obj.upload_id, summary, "SUMMARY")
+            return
+        blob = b"\n".join(obj.entries) + b"\n"
+        self.backend.notify_object_complete(
+            self.job_id,
+            obj.upload_id,
+            summary,
+            "SUMMARY",
+            metadata_string=ENTRIES_MARKER,
+            metadata_blob=blob,
+            metadata_blob_length=len(blob),
+            metadata_blob_checksum=chunk_checksum(blob),
+            metadata_blob_checksum_algorithm=CHUNK_ALGORITHM,
+        )
 
-    def put_single(self, name: str, data: bytes) -> None:
-        self.cpu.submit(self._encode_single, name, data)
+    def put_single(self, name: str, data: bytes, metadata: str | None) -> None:
+        self.cpu.submit(self._encode_single, name, data, metadata)
 
-    def _encode_single(self, name: str, data: bytes) -> None:
+    def _encode_single(self, name: str, data: bytes, metadata: str | None) -> None:
         self.coordinator.check()
         stored = encode(data, self.options.compression_level)
-        self.uploads.submit(self._put_single, name, stored, chunk_checksum(stored))
+        self.uploads.submit(self._put_single, name, stored, chunk_checksum(stored), metadata)
 
-    def _put_single(self, name: str, stored: bytes, checksum: str) -> None:
+    def _put_single(self, name: str, stored: bytes, checksum: str, metadata: str | None) -> None:
         self.coordinator.check()
-        self.backend.put_object(self.job_id, name, stored, len(stored), checksum)
+        self.backend.put_object(
+            self.job_id, name, stored, len(stored), checksum, metadata_string=metadata
+        )
         self._stored(len(stored))
 
     # -- counters -------------------------------------------------------------
@@ -302,9 +407,12 @@ class _Run:
             self.bytes_stored += n
             self.chunks += 1
 
-    def file_done(self) -> None:
+    def file_done(self, size: int, unchanged: bool = False) -> None:
         with self._stats_lock:
             self.files += 1
+            self.source_bytes += size
+            if unchanged:
+                self.files_unchanged += 1
 
     def read_bytes(self, n: int) -> None:
         with self._stats_lock:
@@ -389,13 +497,15 @@ class _Chunker:
         self._extents.append(Extent(file_offset, self._obj.name, self._index, 0, len(data)))
         self._index += 1
 
-    def close(self) -> None:
+    def close(self, m: ManifestEntry) -> None:
+        """All slices added; ``m`` is the file's finished entry (its extents are ours)."""
         if self._first is not None:
             offset, data = self._first
             name = self._run.next_name()
-            self._run.put_single(name, data)
             self._extents.append(Extent(offset, name, 0, 0, len(data)))
+            self._run.put_single(name, data, compact_record(m))
         elif self._obj is not None:
+            self._obj.describe(m)
             self._run.seal(self._obj)
 
 
@@ -426,7 +536,7 @@ class _FileReader:
             run.warn(entry.source, f"not backed up: {exc}")
             manifest.complete(seq, None)
             return
-        run.file_done()
+        run.file_done(m.size)
         manifest.complete(seq, m)
 
     def _read(self, entry: Entry) -> ManifestEntry:
@@ -446,28 +556,40 @@ class _FileReader:
             if before.st_size < opts.pack_threshold:
                 data = _io(os.pread, fd, opts.pack_threshold, 0)
                 h.update(data)
-                if data:
-                    name, index, offset = run.packer.add(data)
-                    m.extents.append(Extent(0, name, index, offset, len(data)))
-                m.size = len(data)
                 run.read_bytes(len(data))
+                self._finish(entry, m, len(data), h, before, _io(os.fstat, fd))
+                if data:
+                    run.packer.add(data, m)
             else:
-                m.size = self._read_large(fd, before, h, m)
-            after = _io(os.fstat, fd)
+                self._read_large(fd, entry, before, h, m)
         finally:
             os.close(fd)
+        return m
+
+    def _finish(
+        self,
+        entry: Entry,
+        m: ManifestEntry,
+        size: int,
+        h: Any,
+        before: os.stat_result,
+        after: os.stat_result,
+    ) -> None:
+        """Complete ``m`` once its bytes are read: size, hash, and whether it changed."""
+        m.size = size
         m.xxh3 = h.hexdigest()
         changed = (
             (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
             or (entry.size, entry.mtime_ns) != (after.st_size, after.st_mtime_ns)
-            or m.size != after.st_size
+            or size != after.st_size
         )
         if changed:
             m.warning = "changed while it was read"
-            run.warn(entry.source, "changed while it was read; the copy may be inconsistent")
-        return m
+            self.run.warn(entry.source, "changed while it was read; the copy may be inconsistent")
 
-    def _read_large(self, fd: int, st: os.stat_result, h: Any, m: ManifestEntry) -> int:
+    def _read_large(
+        self, fd: int, entry: Entry, st: os.stat_result, h: Any, m: ManifestEntry
+    ) -> None:
         run = self.run
         size_hint = st.st_size
         chunk_size = run.options.chunk_size
@@ -495,8 +617,8 @@ class _FileReader:
         if sparse and pos < size_hint:
             _hash_zeros(h, size_hint - pos)
             pos = size_hint
-        chunker.close()
-        return pos
+        self._finish(entry, m, pos, h, st, _io(os.fstat, fd))
+        chunker.close(m)
 
 
 def _hash_zeros(h: Any, n: int) -> None:
@@ -532,9 +654,9 @@ def _read_stream(run: _Run, stream: BinaryIO, name: str) -> ManifestEntry:
         run.read_bytes(len(data))
         chunker.add(pos, data)
         pos += len(data)
-    chunker.close()
     m.size = pos
     m.xxh3 = h.hexdigest()
+    chunker.close(m)
     return m
 
 
@@ -550,27 +672,252 @@ def _read_full(stream: BinaryIO, n: int) -> bytes:
     return b"".join(parts)
 
 
+def path_key(path: bytes) -> str:
+    """A short hash naming a path in object metadata."""
+    import xxhash
+
+    return xxhash.xxh3_64_hexdigest(path)
+
+
+def compact_record(m: ManifestEntry) -> str | None:
+    """A one-object file's entry as a MetadataString, or None if it does not fit."""
+    if m.warning is not None or len(m.extents) != 1:
+        return None
+    x = m.extents[0]
+    record = {
+        "h": path_key(m.path),
+        "s": m.size,
+        "m": m.mtime_ns,
+        "c": m.ctime_ns,
+        "i": m.ino,
+        "x": m.xxh3,
+        "o": x.file_offset,
+        "l": x.length,
+    }
+    text = json.dumps(record, separators=(",", ":"))
+    return text if len(text) <= MAX_METADATA_STRING_BYTES else None
+
+
+def _unchanged(old: ManifestEntry, e: Entry) -> bool:
+    return (
+        old.kind == KIND_FILE
+        and old.warning is None
+        and old.xxh3 is not None
+        and (old.size, old.mtime_ns, old.ctime_ns, old.ino)
+        == (e.size, e.mtime_ns, e.ctime_ns, e.ino)
+    )
+
+
+def _order_key(path: bytes) -> list[bytes]:
+    return path.split(b"/")
+
+
+class _Reuse:
+    """Finds, for each scanned file, a stored copy that is still current.
+
+    Two sources: the base job's manifest, read with a forward cursor in
+    step with the scan (both are in the same order), and the entries a
+    resumed run's completed objects describe, keyed by path hash.
+    """
+
+    def __init__(
+        self, base: Iterator[ManifestEntry] | None, resumed: dict[str, ManifestEntry]
+    ) -> None:
+        self._base = base
+        self._cur: ManifestEntry | None = None
+        self._cur_key: list[bytes] = []
+        self._resumed = resumed
+        self._advance()
+
+    def _advance(self) -> None:
+        if self._base is None:
+            self._cur = None
+            return
+        try:
+            self._cur = next(self._base, None)
+        except (ManifestError, CorruptData):  # a damaged base only costs re-reading
+            self._cur, self._base = None, None
+        self._cur_key = _order_key(self._cur.path) if self._cur is not None else []
+
+    def find(self, e: Entry) -> ManifestEntry | None:
+        key = _order_key(e.path)
+        while self._cur is not None and self._cur_key < key:
+            self._advance()
+        old = self._cur if self._cur is not None and self._cur.path == e.path else None
+        if e.kind != KIND_FILE:
+            return None
+        if self._resumed:
+            mine = self._resumed.get(path_key(e.path))
+            if mine is not None and _unchanged(mine, e):
+                return mine
+        return old if old is not None and _unchanged(old, e) else None
+
+
+def _resumed_entries(backend: Any, job: Job) -> dict[str, ManifestEntry]:
+    """Entries described by the objects an earlier attempt at ``job`` completed."""
+    base_names: set[str] = set()
+    if job.base_job_id is not None:
+        # A base deleted since leaves its objects to be read like ours, then ignored.
+        with contextlib.suppress(ResourceNotFoundException):
+            base_names = {o.name for o in iter_objects(backend, job.base_job_id)}
+    found: dict[str, ManifestEntry] = {}
+    for o in iter_objects(backend, job.job_id):
+        if o.name == MANIFEST_OBJECT or o.name in base_names:
+            continue
+        meta = o.metadata_string or ""
+        if meta == ENTRIES_MARKER:
+            md = backend.get_object_metadata(job.job_id, o.object_token)
+            if md.metadata_blob_checksum != chunk_checksum(md.metadata_blob):
+                continue
+            try:
+                for r in parse_lines(iter([md.metadata_blob])):
+                    m = ManifestEntry.from_json(r)
+                    found[path_key(m.path)] = m
+            except ManifestError:
+                continue
+        elif meta.startswith("{"):
+            try:
+                r = json.loads(meta)
+                found[str(r["h"])] = ManifestEntry(
+                    path=b"",
+                    kind=KIND_FILE,
+                    size=int(r["s"]),
+                    mtime_ns=int(r["m"]),
+                    ctime_ns=int(r["c"]),
+                    ino=int(r["i"]),
+                    xxh3=str(r["x"]),
+                    extents=[Extent(int(r["o"]), o.name, 0, 0, int(r["l"]))],
+                )
+            except (ValueError, KeyError, TypeError):
+                continue
+    return found
+
+
+def _resolve_base(backend: Any, options: BackupOptions, host: str, paths: list[str]) -> str | None:
+    if options.stdin_name is not None or options.full:
+        return None
+    if options.base_job_id is not None:
+        return options.base_job_id
+    base = find_base(backend, host, paths, options.pool_id)
+    return base.job_id if base is not None else None
+
+
+def _start_job(
+    run: _Run,
+    options: BackupOptions,
+    pending: PendingRecord | None,
+    host: str,
+    paths: list[str],
+    attributes: dict[str, object],
+) -> Job:
+    """Create the job, or find the unfinished one this run continues."""
+    backend = run.backend
+    if options.client_token is not None:
+        base = _resolve_base(backend, options, host, paths)
+        return backend.create_job(options.client_token, base, options.pool_id, attributes)  # type: ignore[no-any-return]
+    for _ in range(2):
+        rec = pending.load() if pending is not None else None
+        if (
+            rec is not None
+            and rec.pool == options.pool_id
+            and (
+                (options.full and rec.base_job_id is None)
+                or (not options.full and options.base_job_id in (None, rec.base_job_id))
+            )
+        ):
+            token, base = rec.token, rec.base_job_id
+        else:
+            token, base = str(uuid.uuid4()), _resolve_base(backend, options, host, paths)
+            if pending is not None:
+                pending.save(PendingRun(token, base, options.pool_id))
+        try:
+            job: Job = backend.create_job(token, base, options.pool_id, attributes)
+        except IllegalArgumentException:
+            if rec is None or pending is None:
+                raise
+            pending.clear()  # the recorded job was deleted or is unusable: start anew
+            continue
+        if job.status in FINAL_STATUSES and pending is not None:
+            pending.clear()  # it completed after all; this run makes a new job
+            continue
+        return job
+    raise IllegalArgumentException("could not create a job for this backup")
+
+
+def _summary_of(job: Job) -> BackupSummary:
+    a = job.attributes
+
+    def n(key: str) -> int:
+        v = a.get(key, 0)
+        return v if isinstance(v, int) else 0
+
+    return BackupSummary(
+        job_id=job.job_id,
+        status=job.status,
+        files=n("files"),
+        entries=n("entries"),
+        bytes_read=0,
+        bytes_stored=0,
+        chunks=0,
+        retries=0,
+        warnings=(),
+        seconds=0.0,
+        files_unchanged=n("files"),
+        source_bytes=n("source_bytes"),
+        base_job_id=job.base_job_id,
+        already_complete=True,
+    )
+
+
 def run_backup(
     backend: Any,
     options: BackupOptions,
     on_event: EventSink = ignore,
     stdin: BinaryIO | None = None,
     clock: Callable[[], float] = time.monotonic,
+    pending: PendingRecord | None = None,
 ) -> BackupSummary:
-    """Back up ``options.paths`` (or ``stdin``) into a new job; returns its summary."""
+    """Back up ``options.paths`` (or ``stdin``) into a new job; returns its summary.
+
+    With ``pending`` (paths only), the client token is taken from, or saved
+    to, that record, so a rerun after a failure continues the same job.
+    """
     started = clock()
     run = _Run(backend, options, on_event)
     host = socket.gethostname()
+    roots = canonical_roots(list(options.paths))
     paths = (
         [options.stdin_name or "stdin"] if options.stdin_name is not None
-        else [display_path(p) for p in options.paths]
+        else [display_path(p) for p in roots]
     )  # fmt: skip
-    job = run.backend.create_job(
-        client_token=options.client_token or str(uuid.uuid4()),
-        pool_id=options.pool_id,
-        attributes={"host": host, "paths": paths, "tags": list(options.tags), "cryo": __version__},
+    attempt = secrets.token_hex(8)
+    job = _start_job(
+        run,
+        options,
+        pending if options.stdin_name is None else None,
+        host,
+        paths,
+        {
+            "host": host,
+            "paths": paths,
+            "tags": list(options.tags),
+            "cryo": __version__,
+            "stdin": options.stdin_name is not None,
+            "attempt": attempt,
+        },
     )
+    if job.status in FINAL_STATUSES:
+        return _summary_of(job)
     run.job_id = job.job_id
+    resumed = job.attributes.get("attempt") != attempt
+    reuse = None
+    if options.stdin_name is None and (job.base_job_id is not None or resumed):
+        base_entries = None
+        if job.base_job_id is not None:
+            reader = JobReader(run.backend, job.job_id)
+            if MANIFEST_OBJECT in reader.objects:
+                base_entries = reader.manifest()[1]
+        reuse = _Reuse(base_entries, _resumed_entries(run.backend, job) if resumed else {})
     manifest = _ManifestWriter(
         run,
         header(
@@ -579,6 +926,7 @@ def run_backup(
             paths=paths,
             chunk_size=options.chunk_size,
             created=job.created.isoformat(),
+            base=job.base_job_id,
         ),
     )
     stop_ticker = threading.Event()
@@ -589,21 +937,29 @@ def run_backup(
 
     ticker = threading.Thread(target=tick, name="progress", daemon=True)
     ticker.start()
-    reader = _FileReader(run)
+    reader_ = _FileReader(run)
+    deleted = 0
     try:
         try:
             if options.stdin_name is not None:
                 stream = stdin if stdin is not None else sys.stdin.buffer
                 seq = manifest.reserve()
                 entry = _read_stream(run, stream, options.stdin_name)
-                run.files += 1
+                run.file_done(entry.size)
                 manifest.complete(seq, entry)
             else:
-                for e in scan(list(options.paths), options.scan, run.warn):
+                for e in scan(roots, options.scan, run.warn):
                     run.coordinator.check()
                     seq = manifest.reserve()
-                    if e.kind == KIND_FILE:
-                        run.readers.submit(reader.read, seq, e, manifest)
+                    old = reuse.find(e) if reuse is not None else None
+                    if old is not None:
+                        m = _manifest_entry(e)
+                        m.extents = list(old.extents)
+                        m.xxh3 = old.xxh3
+                        run.file_done(m.size, unchanged=True)
+                        manifest.complete(seq, m)
+                    elif e.kind == KIND_FILE:
+                        run.readers.submit(reader_.read, seq, e, manifest)
                     else:
                         manifest.complete(seq, _manifest_entry(e))
             run.readers.shutdown(wait=True)
@@ -614,6 +970,8 @@ def run_backup(
             run.coordinator.raise_if_failed()
             run.uploads.shutdown(wait=True)
             run.coordinator.raise_if_failed()
+            if reuse is not None:
+                deleted = _drop_unreferenced(run, manifest.referenced)
             with manifest.obj.lock:
                 manifest.obj.completed = True
             run.complete_object(manifest.obj)
@@ -627,20 +985,25 @@ def run_backup(
     finally:
         stop_ticker.set()
         ticker.join()
-    status = "PARTIAL" if run.warnings else "COMPLETED"
+    status = JOB_PARTIAL if run.warnings else JOB_COMPLETED
     seconds = clock() - started
     run.backend.complete_job(
         job.job_id,
         status=status,
         attributes={
             "files": run.files,
+            "files_unchanged": run.files_unchanged,
             "entries": manifest.count,
+            "source_bytes": run.source_bytes,
             "bytes_read": run.bytes_read,
             "bytes_stored": run.bytes_stored,
+            "objects_deleted": deleted,
             "warnings": len(run.warnings),
             "seconds": round(seconds, 3),
         },
     )
+    if pending is not None and options.client_token is None:
+        pending.clear()
     on_event(run.progress("done"))
     return BackupSummary(
         job_id=job.job_id,
@@ -653,4 +1016,21 @@ def run_backup(
         retries=run.backend.retries,
         warnings=tuple(run.warnings),
         seconds=seconds,
+        files_unchanged=run.files_unchanged,
+        source_bytes=run.source_bytes,
+        base_job_id=job.base_job_id,
+        resumed=resumed,
+        objects_deleted=deleted,
     )
+
+
+def _drop_unreferenced(run: _Run, referenced: set[str]) -> int:
+    """DeleteObject every object of the job that no entry uses; returns how many."""
+    names = [
+        o.name
+        for o in iter_objects(run.backend, run.job_id)
+        if o.name != MANIFEST_OBJECT and o.name not in referenced
+    ]
+    for name in names:
+        run.backend.delete_object(run.job_id, name)
+    return len(names)

@@ -170,6 +170,21 @@ def _is_cache_dir(path: bytes) -> bool:
         return False
 
 
+def canonical_roots(roots: list[bytes]) -> list[bytes]:
+    """Roots in backup order: normalised, sorted by path components, nested ones dropped.
+
+    Sorting makes two backups of the same paths scan in the same order
+    whatever order the paths were given in; a root inside another root is
+    already covered by it.
+    """
+    out: list[bytes] = []
+    for root in sorted({os.path.normpath(r) for r in roots}, key=lambda r: r.split(b"/")):
+        if out and (root == out[-1] or root.startswith(out[-1].rstrip(b"/") + b"/")):
+            continue
+        out.append(root)
+    return out
+
+
 def scan(
     roots: list[bytes], options: ScanOptions, warn: Callable[[bytes, str], None]
 ) -> Iterator[Entry]:

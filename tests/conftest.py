@@ -36,6 +36,12 @@ MAKERS: dict[str, Callable[[pytest.FixtureRequest, Path], Backend]] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test (and every CLI it starts) keeps run locks and pending runs to itself."""
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+
+
 @pytest.fixture(scope="session")
 def cryo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One ``cryo server`` on 127.0.0.1 (port 0) for the session; stopped with SIGTERM."""

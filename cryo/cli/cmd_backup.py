@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,6 +19,12 @@ from cryo.cli.common import (
     handles_errors,
 )
 from cryo.exitcodes import PARTIAL, UsageError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from cryo.backup import BackupOptions
+    from cryo.runstate import PendingRecord
 
 HELP = """Back up PATHS into a new job and print its JobId.
 
@@ -33,8 +40,19 @@ Examples:
 
   pg_dump db | cryo backup - --stdin-name db.sql
 
+Incremental by default: the newest complete job of the same host, paths
+and pool is the base, and files whose size, mtime, ctime and inode are
+unchanged are neither read nor uploaded (--full reads everything). Each job
+is still a complete snapshot: restoring it never needs another job.
+
+A run that fails (network outage, kill, crash) is continued by the next run
+of the same backup: the job it left unfinished is completed, and what it
+had already stored is not sent again. Two runs of the same backup never
+overlap: the second waits --lock-wait seconds, then exits 13.
+
 Exit status: 0 done; 3 job committed but some files were unreadable or
-changed while read (each one is named on stderr); other codes: see README.
+changed while read (each one is named on stderr); 13 another run of this
+backup holds the lock; other codes: see README.
 """
 
 
@@ -69,7 +87,30 @@ def backup(
     stdin_name: Annotated[
         str | None, typer.Option("--stdin-name", help="Name of the file stored for '-'.")
     ] = None,
-    pool: Annotated[str | None, typer.Option(help="Pool the job belongs to.")] = None,
+    pool: Annotated[
+        str, typer.Option(help="Pool the job belongs to: GLACIER or DEEP_ARCHIVE.")
+    ] = "GLACIER",
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base", help="Base the incremental on this job.", metavar="JOB", show_default=False
+        ),
+    ] = None,
+    full: Annotated[bool, typer.Option("--full", help="Read every file; no base job.")] = False,
+    client_token: Annotated[
+        str | None,
+        typer.Option(
+            "--client-token",
+            help="Idempotency token: a rerun with the same token continues the same job, "
+            "or prints it if it is complete. (default: one per unfinished backup)",
+            metavar="TOKEN",
+            show_default=False,
+        ),
+    ] = None,
+    lock_wait: Annotated[
+        float,
+        typer.Option("--lock-wait", help="Seconds to wait for another run of this backup.", min=0),
+    ] = 0.0,
     tag: Annotated[list[str] | None, typer.Option(help="Tag the job (repeatable).")] = None,
     chunk_size: Annotated[int, typer.Option(help="Chunk size in MiB.", min=1, max=32)] = 4,
     compression: Annotated[
@@ -90,8 +131,16 @@ def backup(
 ) -> None:
     from cryo.backup import BackupOptions, run_backup
     from cryo.cli.render import Renderer, choose_mode
+    from cryo.jobs import UnknownPool, check_pool
     from cryo.retry import RetryPolicy
     from cryo.scan import ScanOptions
+
+    try:
+        pool = check_pool(pool)
+    except UnknownPool as exc:
+        raise UsageError(str(exc)) from None
+    if full and base:
+        raise UsageError("--full and --base exclude each other")
 
     globs = list(exclude or ())
     for f in exclude_file or ():
@@ -129,12 +178,16 @@ def backup(
         connections=connections,
         pool_id=pool,
         tags=tuple(tag or ()),
+        client_token=client_token,
+        base_job_id=base,
+        full=full,
         retry=RetryPolicy(max_elapsed=retry_max_time),
     )
     backend = backend_from_options(repo, endpoint_url, region, profile)
     renderer = Renderer(choose_mode(quiet, as_json))
     try:
-        summary = run_backup(backend, options, on_event=renderer)
+        with backup_lock(backend, options, lock_wait) as pending:
+            summary = run_backup(backend, options, on_event=renderer, pending=pending)
     finally:
         renderer.close()
         backend.close()
@@ -145,8 +198,13 @@ def backup(
                 "job_id": summary.job_id,
                 "status": summary.status,
                 "files": summary.files,
+                "files_unchanged": summary.files_unchanged,
+                "source_bytes": summary.source_bytes,
                 "bytes_read": summary.bytes_read,
                 "bytes_stored": summary.bytes_stored,
+                "base_job_id": summary.base_job_id,
+                "resumed": summary.resumed,
+                "objects_deleted": summary.objects_deleted,
                 "retries": summary.retries,
                 "errors": [{"path": w.path, "message": w.message} for w in summary.warnings],
                 "seconds": round(summary.seconds, 3),
@@ -155,12 +213,17 @@ def backup(
     else:
         typer.echo(summary.job_id)
         if not quiet:
-            typer.echo(
-                f"{summary.status.lower()}: {summary.files} files, "
-                f"{summary.bytes_read / 1e6:.1f} MB read, {summary.bytes_stored / 1e6:.1f} MB "
-                f"stored, {summary.seconds:.1f} s",
-                err=True,
-            )
+            if summary.already_complete:
+                detail = "already complete (same --client-token); nothing to do"
+            else:
+                detail = (
+                    f"{summary.files} files ({summary.files_unchanged} unchanged), "
+                    f"{summary.bytes_read / 1e6:.1f} MB read, "
+                    f"{summary.bytes_stored / 1e6:.1f} MB stored, {summary.seconds:.1f} s"
+                )
+                if summary.resumed:
+                    detail += ", resumed an unfinished run"
+            typer.echo(f"{summary.status.lower()}: {detail}", err=True)
     if summary.warnings:
         if not as_json:
             typer.echo(
@@ -168,3 +231,25 @@ def backup(
                 err=True,
             )
         raise typer.Exit(PARTIAL)
+
+
+@contextmanager
+def backup_lock(
+    backend: Any, options: BackupOptions, wait: float
+) -> Iterator[PendingRecord | None]:
+    """Hold this backup's run lock; yields its pending-run record (None for stdin)."""
+    import socket
+
+    from cryo.backup import display_path
+    from cryo.runstate import PendingRecord, default_state_dir, run_key, run_lock
+    from cryo.scan import canonical_roots
+
+    if options.stdin_name is not None:
+        yield None
+        return
+    target = getattr(backend, "endpoint_url", None) or str(Path(backend.root).resolve())
+    paths = [display_path(p) for p in canonical_roots(list(options.paths))]
+    key = run_key(target, socket.gethostname(), paths)
+    state = default_state_dir()
+    with run_lock(state, key, wait, " ".join(paths)):
+        yield PendingRecord(state, key)
