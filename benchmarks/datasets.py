@@ -62,8 +62,10 @@ DATASETS = ("big-random", "big-text", "small")
 DEFAULT_WORKDIR = Path("/var/tmp/cryo-bench")  # noqa: S108 - kept across checkouts, on purpose
 
 # Sizes and counts: (full, smoke)
-RANDOM_FILES = {"full": (("random-1g.bin", GIB), ("random-256m.bin", 256 * MIB)),
-                "smoke": (("random-1g.bin", 4 * MIB), ("random-256m.bin", 1 * MIB))}  # fmt: skip
+RANDOM_FILES = {
+    "full": (("random-1g.bin", GIB), ("random-256m.bin", 256 * MIB)),
+    "smoke": (("random-1g.bin", 4 * MIB), ("random-256m.bin", 1 * MIB)),
+}
 TEXT_FILES = 4
 TEXT_FILE_SIZE = {"full": 128 * MIB, "smoke": 768 * 1024}
 TEXT_CORPUS = {"full": 96 * MIB, "smoke": 3 * MIB}
@@ -104,15 +106,23 @@ def dataset_dir(workdir: Path, name: str, smoke: bool) -> Path:
 def params_for(name: str, smoke: bool) -> dict[str, object]:
     """Everything that decides a dataset's content; a change regenerates it."""
     mode = mode_name(smoke)
-    params: dict[str, object] = {"name": name, "mode": mode, "seed": SEED,
-                                 "version": GENERATOR_VERSION}  # fmt: skip
+    params: dict[str, object] = {
+        "name": name,
+        "mode": mode,
+        "seed": SEED,
+        "version": GENERATOR_VERSION,
+    }
     if name == "big-random":
         params["files"] = [list(x) for x in RANDOM_FILES[mode]]
     elif name == "big-text":
         params.update(files=TEXT_FILES, file_size=TEXT_FILE_SIZE[mode], corpus=TEXT_CORPUS[mode])
     elif name == "small":
-        params.update(files=SMALL_FILES[mode], extras=list(SMALL_EXTRAS[mode]),
-                      max_file=SMALL_MAX_FILE[mode], stdlib=stdlib_dir())  # fmt: skip
+        params.update(
+            files=SMALL_FILES[mode],
+            extras=list(SMALL_EXTRAS[mode]),
+            max_file=SMALL_MAX_FILE[mode],
+            stdlib=stdlib_dir(),
+        )
     else:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     return params
@@ -403,10 +413,18 @@ def parse_names(text: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
-                        help=f"where datasets go (default {DEFAULT_WORKDIR})")  # fmt: skip
-    parser.add_argument("--datasets", type=parse_names, default=list(DATASETS),
-                        help="comma-separated names (default: all)")  # fmt: skip
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help=f"where datasets go (default {DEFAULT_WORKDIR})",
+    )
+    parser.add_argument(
+        "--datasets",
+        type=parse_names,
+        default=list(DATASETS),
+        help="comma-separated names (default: all)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny versions for CI")
     parser.add_argument("--force", action="store_true", help="regenerate even if present")
     args = parser.parse_args(argv)
