@@ -135,12 +135,34 @@ def _tail(path: Path, limit: int = 1500) -> str:
         return ""
 
 
+# A child's ru_maxrss starts from the RSS of the process that forked it (the kernel
+# carries the parent's high-water mark over through fork and exec), and this
+# process holds datasets' manifests and a 256 MiB sample. So every measured
+# command is started by this small launcher (python -S: about 8 MiB), which
+# spawns it, waits for it with wait4 and writes its exit status, wall time, CPU
+# time and peak RSS to the file named first.
+LAUNCHER = """
+import os, sys, time
+report, argv = sys.argv[1], sys.argv[2:]
+started = time.perf_counter()
+pid = os.posix_spawnp(argv[0], argv, os.environ)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - started
+with open(report, "w") as f:
+    f.write(f"{status} {wall!r} {ru.ru_utime + ru.ru_stime!r} {ru.ru_maxrss}\\n")
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_measured(
     cmd: Sequence[str], *, env: dict[str, str], log: Path, timeout: float, cwd: Path | None = None
 ) -> Proc:
     """Run ``cmd`` to the end; its wall time and rusage (from wait4), output in ``log``.*."""
     log.parent.mkdir(parents=True, exist_ok=True)
     out_path, err_path = log.with_suffix(".out"), log.with_suffix(".err")
+    usage_path = log.with_suffix(".usage")
+    usage_path.unlink(missing_ok=True)
     lock = threading.Lock()
     state = {"done": False, "killed": False}
     with out_path.open("wb") as out, err_path.open("wb") as err:
@@ -148,7 +170,7 @@ def run_measured(
         err.flush()
         started = time.perf_counter()
         p = subprocess.Popen(
-            list(cmd),
+            [sys.executable, "-S", "-E", "-c", LAUNCHER, str(usage_path), *cmd],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=err,
@@ -176,15 +198,20 @@ def run_measured(
         finally:
             timer.cancel()
         p.returncode = os.waitstatus_to_exitcode(status)
-    return Proc(
+    proc = Proc(
         returncode=p.returncode,
         wall=wall,
         cpu=usage.ru_utime + usage.ru_stime,
-        maxrss_kib=usage.ru_maxrss,
+        maxrss_kib=usage.ru_maxrss,  # the launcher's: replaced below by the command's own
         stdout=out_path.read_text(errors="replace"),
         stderr_tail=_tail(err_path),
         timed_out=state["killed"],
     )
+    with contextlib.suppress(OSError, ValueError):
+        fields = usage_path.read_text().split()
+        proc.returncode = os.waitstatus_to_exitcode(int(fields[0]))
+        proc.wall, proc.cpu, proc.maxrss_kib = float(fields[1]), float(fields[2]), int(fields[3])
+    return proc
 
 
 def which(name: str) -> str | None:
