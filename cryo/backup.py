@@ -84,7 +84,7 @@ from cryo.errors import IllegalArgumentException, ResourceNotFoundException
 from cryo.events import EventSink, FileWarning, Progress, ignore
 from cryo.executor import BoundedExecutor, Coordinator
 from cryo.jobreader import CorruptData, JobReader
-from cryo.jobs import DEFAULT_POOL, find_base
+from cryo.jobs import DEFAULT_POOL, find_base, find_token_job
 from cryo.manifest import (
     MANIFEST_OBJECT,
     Extent,
@@ -813,7 +813,11 @@ def _start_job(
     """Create the job, or find the unfinished one this run continues."""
     backend = run.backend
     if options.client_token is not None:
-        base = _resolve_base(backend, options, host, paths)
+        earlier = find_token_job(backend, options.client_token)
+        if earlier is not None:  # a rerun: the job keeps the base it was created with
+            base = earlier.base_job_id
+        else:
+            base = _resolve_base(backend, options, host, paths)
         return backend.create_job(options.client_token, base, options.pool_id, attributes)  # type: ignore[no-any-return]
     for _ in range(2):
         rec = pending.load() if pending is not None else None

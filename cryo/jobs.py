@@ -73,6 +73,14 @@ def find_base(backend: Any, host: str, paths: Sequence[str], pool: str | None) -
     return None
 
 
+def find_token_job(backend: Any, token: str) -> Job | None:
+    """The job created with client token ``token``, if any."""
+    for job in iter_jobs(backend):
+        if job.client_token == token:
+            return job
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class RetentionPolicy:
     keep_last: int = 0

@@ -42,7 +42,7 @@ def test_backup_verify_restore_through_the_server(
     assert snapshot(restored) == snapshot(tree)
 
     jobs = run_cli("jobs", "--json", env=env)
-    assert [json.loads(line)["JobId"] for line in jobs.stdout.decode().splitlines()] == [job]
+    assert [json.loads(line)["job_id"] for line in jobs.stdout.decode().splitlines()] == [job]
 
     # Another key sees nothing of this job: authentication refused is exit 12.
     other_id, other_secret = cryo_server.new_key()
