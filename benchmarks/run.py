@@ -99,6 +99,9 @@ INCREMENTAL_TARGETS: dict[tuple[str, str], float] = {
 RSS_TARGET = 1.5  # cryo's peak RSS as a multiple of restic's, first backup and restore
 
 
+FINDINGS: list[str] = []  # odd things seen along the way, for the report
+
+
 class BenchError(Exception):
     """A step could not be set up or run; recorded, and the run goes on."""
 
@@ -623,10 +626,14 @@ class CryoServer(CryoEmbedded):
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
         try:
-            p.wait(60)
+            code = p.wait(60)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+            code = None
+        if code != 0:
+            what = "did not stop within 60 s of SIGTERM" if code is None else f"exited {code}"
+            FINDINGS.append(f"- cryo server {what} on SIGTERM; log: {d.logs / 'server.err'}")
         self.url = ""
 
 
@@ -1521,7 +1528,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(
             ["python", "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]
         ),
-        "check_notes": check_notes,
+        "check_notes": check_notes + FINDINGS,
     }
     results_dir.mkdir(parents=True, exist_ok=True)
     title = f"cryo benchmark, {meta['machine']['date']}" + (" (smoke)" if args.smoke else "")
