@@ -91,12 +91,23 @@ from cryo.manifest import (
     ManifestEntry,
     ManifestError,
     footer,
+    get_bytes,
     header,
     parse_lines,
+    raw_entries,
 )
 from cryo.retry import RetryingBackend, RetryPolicy
 from cryo.runstate import PendingRecord, PendingRun
-from cryo.scan import KIND_FILE, Entry, ScanOptions, canonical_roots, scan
+from cryo.scan import (
+    KIND_FILE,
+    KIND_HARDLINK,
+    KIND_SYMLINK,
+    Entry,
+    ScanOptions,
+    canonical_roots,
+    load_xattrs,
+    scan,
+)
 from cryo.storage.api import (
     FINAL_STATUSES,
     JOB_COMPLETED,
@@ -255,7 +266,7 @@ class _ManifestWriter:
         self._run = run
         self._lock = threading.Lock()
         self._slots = threading.Semaphore(MAX_PENDING_ENTRIES)
-        self._pending: dict[int, ManifestEntry | None] = {}
+        self._pending: dict[int, tuple[bytes, list[str]] | None] = {}
         self._next = 0
         self._issued = 0
         self._index = 0
@@ -272,15 +283,28 @@ class _ManifestWriter:
         return seq
 
     def complete(self, seq: int, entry: ManifestEntry | None) -> None:
+        if entry is None:
+            self._put(seq, None)
+        else:
+            line = entry.to_json().encode("utf-8", "surrogateescape")
+            self._put(seq, (line, [x.object_name for x in entry.extents]))
+
+    def complete_raw(self, seq: int, line: bytes, objects: list[str]) -> None:
+        """An entry already encoded (unchanged since the base job)."""
+        self._put(seq, (line, objects))
+
+    def _put(self, seq: int, item: tuple[bytes, list[str]] | None) -> None:
         with self._lock:
-            self._pending[seq] = entry
+            self._pending[seq] = item
             while self._next in self._pending:
                 e = self._pending.pop(self._next)
                 self._next += 1
                 self._slots.release()
                 if e is not None:
-                    self.referenced.update(x.object_name for x in e.extents)
-                    self._buf += e.to_json().encode("utf-8", "surrogateescape") + b"\n"
+                    line, objects = e
+                    self.referenced.update(objects)
+                    self._buf += line
+                    self._buf += b"\n"
                     self.count += 1
                     if len(self._buf) >= self._run.options.chunk_size:
                         self._flush()
@@ -544,6 +568,8 @@ class _FileReader:
 
         run = self.run
         opts = run.options
+        if opts.scan.xattrs:
+            load_xattrs(entry)
         m = _manifest_entry(entry)
         flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         try:
@@ -708,49 +734,77 @@ def _unchanged(old: ManifestEntry, e: Entry) -> bool:
     )
 
 
+def _same_inode_state(r: dict[str, Any], e: Entry) -> bool:
+    """Whether base record ``r`` still describes ``e`` exactly.
+
+    Any change to an inode's content or metadata (mode, owner, xattrs,
+    times, size) moves its ctime, so equal inode, ctime, mtime and size mean
+    the old line can be written again as it is, without reading anything.
+    """
+    return (
+        r.get("t") == e.kind
+        and e.kind != KIND_HARDLINK
+        and r.get("ino") == e.ino
+        and r.get("ct") == e.ctime_ns
+        and r.get("mt") == e.mtime_ns
+        and r.get("s", 0) == e.size
+        and (r.get("m"), r.get("u"), r.get("g")) == (e.mode, e.uid, e.gid)
+        and "w" not in r
+        and (e.kind != KIND_FILE or "xx" in r)
+        and (e.kind != KIND_SYMLINK or get_bytes(r, "l") == e.target)
+    )
+
+
 def _order_key(path: bytes) -> list[bytes]:
     return path.split(b"/")
 
 
+_Raw = tuple[bytes, dict[str, Any]]
+
+
 class _Reuse:
-    """Finds, for each scanned file, a stored copy that is still current.
+    """Finds, for each scanned entry, a stored copy that is still current.
 
     Two sources: the base job's manifest, read with a forward cursor in
-    step with the scan (both are in the same order), and the entries a
-    resumed run's completed objects describe, keyed by path hash.
+    step with the scan (both are in the same order), whose unchanged lines
+    are written again as they are; and the entries a resumed run's
+    completed objects describe, keyed by path hash.
     """
 
-    def __init__(
-        self, base: Iterator[ManifestEntry] | None, resumed: dict[str, ManifestEntry]
-    ) -> None:
+    def __init__(self, base: Iterator[_Raw] | None, resumed: dict[str, ManifestEntry]) -> None:
         self._base = base
-        self._cur: ManifestEntry | None = None
+        self._cur: _Raw | None = None
+        self._cur_path = b""
         self._cur_key: list[bytes] = []
         self._resumed = resumed
         self._advance()
 
     def _advance(self) -> None:
-        if self._base is None:
-            self._cur = None
-            return
-        try:
-            self._cur = next(self._base, None)
-        except (ManifestError, CorruptData):  # a damaged base only costs re-reading
+        item = None
+        if self._base is not None:
+            try:
+                item = next(self._base, None)
+            except (ManifestError, CorruptData):  # a damaged base only costs re-reading
+                self._base = None
+        path = get_bytes(item[1], "p") if item is not None else None
+        if item is None or path is None:
             self._cur, self._base = None, None
-        self._cur_key = _order_key(self._cur.path) if self._cur is not None else []
+            return
+        self._cur, self._cur_path, self._cur_key = item, path, _order_key(path)
 
-    def find(self, e: Entry) -> ManifestEntry | None:
+    def find(self, e: Entry) -> _Raw | ManifestEntry | None:
+        """The base line to write again, a resumed entry to reuse, or None."""
         key = _order_key(e.path)
         while self._cur is not None and self._cur_key < key:
             self._advance()
-        old = self._cur if self._cur is not None and self._cur.path == e.path else None
-        if e.kind != KIND_FILE:
-            return None
-        if self._resumed:
+        cur = self._cur
+        if cur is not None and self._cur_path == e.path and _same_inode_state(cur[1], e):
+            return cur
+        if e.kind == KIND_FILE and self._resumed:
             mine = self._resumed.get(path_key(e.path))
             if mine is not None and _unchanged(mine, e):
                 return mine
-        return old if old is not None and _unchanged(old, e) else None
+        return None
 
 
 def _resumed_entries(backend: Any, job: Job) -> dict[str, ManifestEntry]:
@@ -916,12 +970,12 @@ def run_backup(
     resumed = job.attributes.get("attempt") != attempt
     reuse = None
     if options.stdin_name is None and (job.base_job_id is not None or resumed):
-        base_entries = None
+        base_lines = None
         if job.base_job_id is not None:
             reader = JobReader(run.backend, job.job_id)
             if MANIFEST_OBJECT in reader.objects:
-                base_entries = reader.manifest()[1]
-        reuse = _Reuse(base_entries, _resumed_entries(run.backend, job) if resumed else {})
+                base_lines = raw_entries(reader.manifest_chunks())
+        reuse = _Reuse(base_lines, _resumed_entries(run.backend, job) if resumed else {})
     manifest = _ManifestWriter(
         run,
         header(
@@ -952,20 +1006,26 @@ def run_backup(
                 run.file_done(entry.size)
                 manifest.complete(seq, entry)
             else:
-                for e in scan(roots, options.scan, run.warn):
+                xattrs = options.scan.xattrs
+                for e in scan(roots, options.scan, run.warn, lazy_xattrs=True):
                     run.coordinator.check()
                     seq = manifest.reserve()
                     old = reuse.find(e) if reuse is not None else None
-                    if old is not None:
-                        m = _manifest_entry(e)
-                        m.extents = list(old.extents)
-                        m.xxh3 = old.xxh3
-                        run.file_done(m.size, unchanged=True)
-                        manifest.complete(seq, m)
-                    elif e.kind == KIND_FILE:
+                    if isinstance(old, tuple):
+                        if e.kind == KIND_FILE:
+                            run.file_done(e.size, unchanged=True)
+                        manifest.complete_raw(seq, old[0], [d[1] for d in old[1].get("d", ())])
+                    elif e.kind == KIND_FILE and old is None:
                         run.readers.submit(reader_.read, seq, e, manifest)
                     else:
-                        manifest.complete(seq, _manifest_entry(e))
+                        if xattrs:
+                            load_xattrs(e)
+                        m = _manifest_entry(e)
+                        if old is not None:
+                            m.extents = list(old.extents)
+                            m.xxh3 = old.xxh3
+                            run.file_done(m.size, unchanged=True)
+                        manifest.complete(seq, m)
             run.readers.shutdown(wait=True)
             run.coordinator.raise_if_failed()
             run.packer.close()

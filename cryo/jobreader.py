@@ -67,12 +67,15 @@ class JobReader:
         except EncodingError as exc:
             raise CorruptData(f"chunk {index} of {name!r}: {exc}") from None
 
-    def manifest(self) -> tuple[dict[str, Any], Iterator[ManifestEntry]]:
+    def manifest_chunks(self) -> Iterator[bytes]:
+        """The manifest's decoded chunks, in order, each verified."""
         if MANIFEST_OBJECT not in self.objects:
             raise CorruptData(f"job {self.job_id} has no manifest (it was never completed)")
         count = len(self.chunks_of(MANIFEST_OBJECT))
-        chunks = (self.chunk(MANIFEST_OBJECT, i) for i in range(count))
-        return read_entries(parse_lines(chunks))
+        return (self.chunk(MANIFEST_OBJECT, i) for i in range(count))
+
+    def manifest(self) -> tuple[dict[str, Any], Iterator[ManifestEntry]]:
+        return read_entries(parse_lines(self.manifest_chunks()))
 
     def file_bytes(self, entry: ManifestEntry) -> bytes:
         """A file's whole content, holes as zeros (for small files and tests)."""

@@ -153,8 +153,8 @@ def footer(entries: int) -> str:
     return json.dumps({"end": True, "entries": entries}, separators=(",", ":"))
 
 
-def parse_lines(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:
-    """JSON records of the manifest whose decoded chunks are ``chunks``."""
+def raw_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """Each line of the manifest whose decoded chunks are ``chunks``, raw and parsed."""
     carry = b""
     for chunk in chunks:
         data = carry + chunk
@@ -163,11 +163,39 @@ def parse_lines(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:
         for line in lines:
             if line:
                 try:
-                    yield json.loads(line)
+                    yield line, json.loads(line)
                 except ValueError as exc:
                     raise ManifestError(f"corrupt manifest line: {exc}") from None
     if carry.strip():
         raise ManifestError("manifest ends in the middle of a line")
+
+
+def parse_lines(chunks: Iterator[bytes]) -> Iterator[dict[str, Any]]:
+    """JSON records of the manifest whose decoded chunks are ``chunks``."""
+    return (record for _, record in raw_lines(chunks))
+
+
+def check_header(head: dict[str, Any]) -> None:
+    if head.get("format") != FORMAT:
+        raise ManifestError("not a cryo manifest")
+    if head.get("version") != VERSION:
+        raise ManifestError(f"manifest version {head.get('version')} is not supported")
+
+
+def raw_entries(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, dict[str, Any]]]:
+    """The entry lines of a manifest, raw and parsed; raises ManifestError if it is not whole."""
+    lines = raw_lines(chunks)
+    first = next(lines, None)
+    if first is None:
+        raise ManifestError("empty manifest")
+    check_header(first[1])
+    for count, (raw, r) in enumerate(lines):
+        if r.get("end") is True:
+            if r.get("entries") != count:
+                raise ManifestError("manifest entry count does not match its footer")
+            return
+        yield raw, r
+    raise ManifestError("manifest is truncated (no end record)")
 
 
 def read_entries(
@@ -178,10 +206,7 @@ def read_entries(
         head = next(records)
     except StopIteration:
         raise ManifestError("empty manifest") from None
-    if head.get("format") != FORMAT:
-        raise ManifestError("not a cryo manifest")
-    if head.get("version") != VERSION:
-        raise ManifestError(f"manifest version {head.get('version')} is not supported")
+    check_header(head)
 
     def entries() -> Iterator[ManifestEntry]:
         for count, r in enumerate(records):

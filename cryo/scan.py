@@ -185,10 +185,27 @@ def canonical_roots(roots: list[bytes]) -> list[bytes]:
     return out
 
 
+def load_xattrs(entry: Entry) -> None:
+    """Read ``entry``'s extended attributes (for a scan made with ``lazy_xattrs``)."""
+    if entry.kind != KIND_SYMLINK:
+        entry.xattrs = read_xattrs(entry.source)
+
+
 def scan(
-    roots: list[bytes], options: ScanOptions, warn: Callable[[bytes, str], None]
+    roots: list[bytes],
+    options: ScanOptions,
+    warn: Callable[[bytes, str], None],
+    lazy_xattrs: bool = False,
 ) -> Iterator[Entry]:
-    """Every entry under ``roots`` (absolute paths), in backup order."""
+    """Every entry under ``roots`` (absolute paths), in backup order.
+
+    With ``lazy_xattrs`` extended attributes are left for the caller to read
+    (``load_xattrs``) for the entries it needs them for.
+    """
+    if lazy_xattrs:
+        options = ScanOptions(
+            options.excludes, options.exclude_caches, options.one_file_system, xattrs=False
+        )
     seen_parents: set[bytes] = set()
     hardlinks: dict[tuple[int, int], bytes] = {}
     for root in roots:
