@@ -15,8 +15,10 @@ from cryo.cli.common import (
     RegionOption,
     RepoOption,
     app,
-    backend_from_options,
+    backend_from_settings,
     handles_errors,
+    log,
+    settings_from_options,
 )
 from cryo.exitcodes import PARTIAL, UsageError
 
@@ -88,8 +90,13 @@ def backup(
         str | None, typer.Option("--stdin-name", help="Name of the file stored for '-'.")
     ] = None,
     pool: Annotated[
-        str, typer.Option(help="Pool the job belongs to: GLACIER or DEEP_ARCHIVE.")
-    ] = "GLACIER",
+        str | None,
+        typer.Option(
+            help="Pool the job belongs to: GLACIER or DEEP_ARCHIVE. (default: the profile's "
+            "pool, else GLACIER)",
+            show_default=False,
+        ),
+    ] = None,
     base: Annotated[
         str | None,
         typer.Option(
@@ -135,14 +142,15 @@ def backup(
     from cryo.retry import RetryPolicy
     from cryo.scan import ScanOptions
 
-    try:
-        pool = check_pool(pool)
-    except UnknownPool as exc:
-        raise UsageError(str(exc)) from None
     if full and base:
         raise UsageError("--full and --base exclude each other")
+    settings = settings_from_options(repo, endpoint_url, region, profile)
+    try:
+        pool = check_pool(pool or settings.get("pool") or "GLACIER")
+    except UnknownPool as exc:
+        raise UsageError(str(exc)) from None
 
-    globs = list(exclude or ())
+    globs = [*(settings.get("exclude") or ()), *(exclude or ())]
     for f in exclude_file or ():
         try:
             lines = f.read_text(encoding="utf-8").splitlines()
@@ -183,7 +191,7 @@ def backup(
         full=full,
         retry=RetryPolicy(max_elapsed=retry_max_time),
     )
-    backend = backend_from_options(repo, endpoint_url, region, profile)
+    backend = backend_from_settings(settings)
     renderer = Renderer(choose_mode(quiet, as_json))
     try:
         with backup_lock(backend, options, lock_wait) as pending:
@@ -191,6 +199,11 @@ def backup(
     finally:
         renderer.close()
         backend.close()
+    log.info(
+        "job %s %s: %d files (%d unchanged), %d bytes read, %d bytes stored, %d retries, %.1f s",
+        summary.job_id, summary.status, summary.files, summary.files_unchanged,
+        summary.bytes_read, summary.bytes_stored, summary.retries, summary.seconds,
+    )  # fmt: skip
     if as_json:
         renderer.emit(
             {

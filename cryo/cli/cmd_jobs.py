@@ -16,7 +16,9 @@ from cryo.cli.common import (
     RepoOption,
     app,
     backend_from_options,
+    backend_from_settings,
     handles_errors,
+    settings_from_options,
 )
 from cryo.exitcodes import UsageError
 
@@ -201,12 +203,16 @@ def forget(
     from cryo.jobs import RetentionPolicy, iter_jobs, select_forget
 
     policy = RetentionPolicy(keep_last, keep_daily, keep_weekly, keep_monthly)
+    settings = settings_from_options(repo, endpoint_url, region, profile)
+    if policy.empty() and settings.get("retention"):
+        policy = RetentionPolicy(**{k: int(v) for k, v in settings.get("retention").items()})
     if policy.empty():
         raise UsageError(
-            "give at least one --keep-last/--keep-daily/--keep-weekly/--keep-monthly rule"
+            "give at least one --keep-last/--keep-daily/--keep-weekly/--keep-monthly rule "
+            "(or a retention table in the config profile)"
         )
     pool = _pool(pool)
-    backend = backend_from_options(repo, endpoint_url, region, profile, create=False)
+    backend = backend_from_settings(settings, create=False)
     try:
         decisions = select_forget(list(iter_jobs(backend, pool)), policy)
         for d in decisions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Annotated
@@ -140,6 +141,9 @@ def verify(
         bool, typer.Option("--read-data", help="Download and verify every chunk.")
     ] = False,
     connections: Annotated[int, typer.Option(help="Chunks fetched in parallel.", min=1)] = 8,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="JSON lines: each bad file, then a summary.")
+    ] = False,
 ) -> None:
     """Check that a job is complete, its manifest sound and every chunk listed.
 
@@ -173,10 +177,18 @@ def verify(
         if read_data:
             for bad in iter_bad_files(backend, job, connections):
                 problems += 1
+                if as_json:
+                    record = {"type": "bad_file", "path": bad.path, "message": bad.message}
+                    typer.echo(json.dumps(record, sort_keys=True))
                 typer.echo(f"cryo: bad data: {bad.path}: {bad.message}", err=True)
     finally:
         backend.close()
+    if as_json:
+        summary = {"type": "summary", "job_id": job, "entries": entries,
+                   "read_data": read_data, "bad_files": problems}  # fmt: skip
+        typer.echo(json.dumps(summary, sort_keys=True))
     if problems:
         raise typer.Exit(FATAL)
-    checked = "all data read and verified" if read_data else "structure verified"
-    typer.echo(f"job {job}: {entries} entries, {checked}")
+    if not as_json:
+        checked = "all data read and verified" if read_data else "structure verified"
+        typer.echo(f"job {job}: {entries} entries, {checked}")

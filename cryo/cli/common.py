@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import functools
+import json
+import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
+import click
 import typer
 
 from cryo import __version__
-from cryo.exitcodes import exit_code_for
+from cryo.exitcodes import FATAL, USAGE, exit_code_for
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -30,6 +36,22 @@ app = typer.Typer(
 )
 
 
+@dataclass(slots=True)
+class CliState:
+    """What the root options set for the command that runs (one per process)."""
+
+    config: Path | None = None
+    log_file: Path | None = None
+    verbose: int = 0
+    traceback: bool = False
+    secrets: list[str] = field(default_factory=list)
+    settings: Any = None
+
+
+STATE = CliState()
+log = logging.getLogger("cryo")
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"cryo {__version__}")
@@ -44,8 +66,77 @@ def _root(
             "--version", help="Print the version and exit.", callback=_version, is_eager=True
         ),
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Config file (TOML, named profiles). (env CRYO_CONFIG; "
+            "default ~/.config/cryo/config.toml)",
+            show_default=False,
+        ),
+    ] = None,
+    log_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--log-file", help="Append a timestamped log to this file.", show_default=False
+        ),
+    ] = None,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="More messages on stderr (-vv).")
+    ] = 0,
+    traceback: Annotated[
+        bool, typer.Option("--traceback", help="On an error, print the traceback (debugging).")
+    ] = False,
 ) -> None:
     """Chunked, verified backups over the AWS Backup Storage API."""
+    STATE.config = config
+    STATE.log_file = log_file
+    STATE.verbose = verbose
+    STATE.traceback = traceback
+    _setup_logging()
+
+
+class _Redact(logging.Filter):
+    """Replace every known secret in a log record by a mask."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for secret in STATE.secrets:
+            if secret and secret in message:
+                message = message.replace(secret, "****")
+        record.msg, record.args = message, None
+        return True
+
+
+def _setup_logging() -> None:
+    env_secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if env_secret:
+        STATE.secrets.append(env_secret)
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    redact = _Redact()
+    if STATE.log_file is not None:
+        try:
+            handler: logging.Handler = logging.FileHandler(STATE.log_file, encoding="utf-8")
+        except OSError as exc:
+            raise fail(f"cannot open log file {STATE.log_file}: {exc.strerror}", USAGE) from None
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.DEBUG if STATE.verbose >= 2 else logging.INFO)
+        handler.addFilter(redact)
+        root.addHandler(handler)
+    if STATE.verbose:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter("cryo: %(levelname)s: %(message)s"))
+        console.setLevel(logging.DEBUG if STATE.verbose >= 2 else logging.INFO)
+        console.addFilter(redact)
+        root.addHandler(console)
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())  # errors are reported by fail(), not logging
+    root.setLevel(logging.DEBUG if STATE.verbose >= 2 else logging.INFO)
+    # Library chatter (botocore, urllib3) only at -vv, and only cryo's own below that.
+    logging.getLogger("botocore").setLevel(logging.DEBUG if STATE.verbose >= 2 else logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.DEBUG if STATE.verbose >= 2 else logging.WARNING)
 
 
 RepoOption = Annotated[
@@ -70,8 +161,28 @@ RegionOption = Annotated[
 ]
 ProfileOption = Annotated[
     str | None,
-    typer.Option("--profile", help="AWS profile with the credentials. (env CRYO_PROFILE)"),
+    typer.Option(
+        "--profile",
+        help="Profile of the config file to use. (env CRYO_PROFILE; default: 'default')",
+    ),
 ]
+
+
+def settings_from_options(
+    repo: Path | None, endpoint_url: str | None, region: str | None, profile: str | None
+) -> Any:
+    """Flags, then environment, then the config profile (see cryo.config)."""
+    from cryo.config import resolve
+
+    s = resolve(
+        {"repository": str(repo) if repo else None, "endpoint_url": endpoint_url or None,
+         "region": region or None},
+        profile,
+        STATE.config,
+    )  # fmt: skip
+    STATE.secrets.extend(s.secrets())
+    STATE.settings = s
+    return s
 
 
 def backend_from_options(
@@ -82,40 +193,96 @@ def backend_from_options(
     *,
     create: bool = True,
 ) -> Any:
-    """The backend the flags (then the environment) name."""
-    from cryo.exitcodes import UsageError
-    from cryo.storage import open_backend
-
-    endpoint_url = endpoint_url or os.environ.get("CRYO_ENDPOINT_URL") or None
-    if repo is not None and endpoint_url:
-        raise UsageError("give either --repo or --endpoint-url, not both")
-    return open_backend(
-        repo,
-        endpoint_url,
-        region=region or os.environ.get("CRYO_REGION") or None,
-        profile=profile or os.environ.get("CRYO_PROFILE") or None,
-        create=create,
+    """The backend the flags (then the environment, then the config file) name."""
+    return backend_from_settings(
+        settings_from_options(repo, endpoint_url, region, profile), create=create
     )
 
 
-def fail(message: str, code: int) -> typer.Exit:
-    """Print ``cryo: message`` on stderr; the caller raises the returned Exit."""
+def backend_from_settings(s: Any, *, create: bool = True) -> Any:
+    endpoint = s.get("endpoint_url")
+    if endpoint:
+        from cryo.storage.remote import RemoteBackend
+
+        log.info("endpoint %s (%s)", endpoint, s.sources["endpoint_url"])
+        return RemoteBackend(
+            endpoint,
+            region=s.get("region"),
+            profile=s.get("aws_profile"),
+            aws_access_key_id=s.get("aws_access_key_id"),
+            aws_secret_access_key=s.get("aws_secret_access_key"),
+        )
+    from cryo.storage.local import LocalBackend, default_repository_path
+
+    path = Path(s.get("repository")).expanduser() if s.get("repository") else None
+    path = path or default_repository_path()
+    log.info("repository %s", path)
+    return LocalBackend(path, create=create)
+
+
+def fail(message: str, code: int, as_json: bool = False) -> typer.Exit:
+    """Report an error (one line on stderr, or a JSON object on stdout); returns the Exit."""
+    log.error("%s (exit %d)", message, code)
+    if as_json:
+        record = {"type": "error", "message": message, "exit_code": code}
+        sys.stdout.write(json.dumps(record, sort_keys=True) + "\n")
+        sys.stdout.flush()
+    for secret in STATE.secrets:
+        message = message.replace(secret, "****") if secret else message
     sys.stderr.write(f"cryo: {message}\n")
     return typer.Exit(code)
 
 
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Turn cryo's exceptions into one line on stderr and the documented exit code."""
+    """Turn every failure into one line on stderr and the documented exit code.
+
+    SIGTERM is handled like Ctrl-C: the command stops cleanly and exits 130.
+    With ``--json`` the error is also a JSON object on stdout; with
+    ``--traceback`` the traceback follows.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         from cryo.errors import CryoError
 
+        as_json = bool(kwargs.get("as_json"))
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        log.info("cryo %s %s", func.__name__, __version__)
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
+        except typer.Exit as exc:
+            if exc.exit_code:
+                log.info("exit %d", exc.exit_code)
+            raise
         except CryoError as exc:
-            raise fail(str(exc) or type(exc).__name__, exit_code_for(exc)) from None
+            _maybe_traceback()
+            raise fail(str(exc) or type(exc).__name__, exit_code_for(exc), as_json) from None
         except KeyboardInterrupt:
-            raise fail("interrupted", exit_code_for(KeyboardInterrupt())) from None
+            raise fail("interrupted", exit_code_for(KeyboardInterrupt()), as_json) from None
+        except (typer.Abort, click.exceptions.ClickException):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes exit 1
+            _maybe_traceback()
+            hint = "" if STATE.traceback else " (--traceback shows where)"
+            raise fail(
+                f"internal error: {type(exc).__name__}: {exc}{hint}", FATAL, as_json
+            ) from None
+        log.info("done")
+        return result
 
     return wrapper
+
+
+def _maybe_traceback() -> None:
+    if STATE.traceback:
+        import traceback
+
+        text = traceback.format_exc()
+        for secret in STATE.secrets:
+            text = text.replace(secret, "****") if secret else text
+        sys.stderr.write(text)

@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from typing import Any, TextIO
 
 from cryo.events import Event, FileWarning, Progress, Retry
+
+log = logging.getLogger("cryo")
 
 
 class Renderer:
@@ -52,6 +55,7 @@ class Renderer:
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, FileWarning):
+            log.warning("%s: %s", event.path, event.message)
             if self.mode == "json":
                 self.emit({"type": "warning", "path": event.path, "message": event.message})
             elif self._progress is not None:
@@ -77,8 +81,10 @@ class Renderer:
                     self._task, description=event.phase, completed=event.bytes_read,
                     files=event.files,
                 )  # fmt: skip
-        elif isinstance(event, Retry) and self.mode == "tty" and self._progress is not None:
-            self._progress.console.print(f"retrying {event.operation}: {event.error}")
+        elif isinstance(event, Retry):
+            log.info("retry %d of %s: %s", event.attempt, event.operation, event.error)
+            if self.mode == "tty" and self._progress is not None:
+                self._progress.console.print(f"retrying {event.operation}: {event.error}")
 
     def emit(self, record: dict[str, Any]) -> None:
         self.stdout.write(json.dumps(record, sort_keys=True) + "\n")
