@@ -207,9 +207,12 @@ class _Object:
         self.entries_bytes = 0
 
     def describe(self, m: ManifestEntry) -> None:
-        """Record that ``m``'s bytes live here (a resumed run can reuse them)."""
+        """Record that ``m``'s bytes live here (a resumed run can reuse them).
+
+        The encoded line is kept on ``m`` so the manifest does not encode it again.
+        """
         if m.warning is None:
-            line = m.to_json().encode("utf-8", "surrogateescape")
+            line = m.encoded()
             self.entries.append(line)
             self.entries_bytes += len(line) + 1
 
@@ -286,8 +289,7 @@ class _ManifestWriter:
         if entry is None:
             self._put(seq, None)
         else:
-            line = entry.to_json().encode("utf-8", "surrogateescape")
-            self._put(seq, (line, [x.object_name for x in entry.extents]))
+            self._put(seq, (entry.encoded(), [x.object_name for x in entry.extents]))
 
     def complete_raw(self, seq: int, line: bytes, objects: list[str]) -> None:
         """An entry already encoded (unchanged since the base job)."""
@@ -568,8 +570,6 @@ class _FileReader:
 
         run = self.run
         opts = run.options
-        if opts.scan.xattrs:
-            load_xattrs(entry)
         m = _manifest_entry(entry)
         flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         try:
@@ -1006,8 +1006,9 @@ def run_backup(
                 run.file_done(entry.size)
                 manifest.complete(seq, entry)
             else:
-                xattrs = options.scan.xattrs
-                for e in scan(roots, options.scan, run.warn, lazy_xattrs=True):
+                # With a base, extended attributes are read only for entries that changed.
+                lazy = reuse is not None and options.scan.xattrs
+                for e in scan(roots, options.scan, run.warn, lazy_xattrs=lazy):
                     run.coordinator.check()
                     seq = manifest.reserve()
                     old = reuse.find(e) if reuse is not None else None
@@ -1015,11 +1016,12 @@ def run_backup(
                         if e.kind == KIND_FILE:
                             run.file_done(e.size, unchanged=True)
                         manifest.complete_raw(seq, old[0], [d[1] for d in old[1].get("d", ())])
-                    elif e.kind == KIND_FILE and old is None:
+                        continue
+                    if lazy:
+                        load_xattrs(e)
+                    if e.kind == KIND_FILE and old is None:
                         run.readers.submit(reader_.read, seq, e, manifest)
                     else:
-                        if xattrs:
-                            load_xattrs(e)
                         m = _manifest_entry(e)
                         if old is not None:
                             m.extents = list(old.extents)

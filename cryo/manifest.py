@@ -78,6 +78,16 @@ class ManifestEntry:
     extents: list[Extent] = field(default_factory=list)
     xxh3: str | None = None
     warning: str | None = None
+    _line: bytes | None = field(default=None, repr=False, compare=False)
+
+    def encoded(self) -> bytes:
+        """The entry's manifest line (UTF-8, no newline); computed once, then kept.
+
+        Call it only once the entry is final: later changes are not seen.
+        """
+        if self._line is None:
+            self._line = self.to_json().encode("utf-8", "surrogateescape")
+        return self._line
 
     def to_json(self) -> str:
         r: dict[str, Any] = {}
