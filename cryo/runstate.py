@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryo.exitcodes import LockHeld
+from cryo.storage.chunkstore import fsync_dir
 
 
 def default_state_dir() -> Path:
@@ -73,19 +74,11 @@ class PendingRecord:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
 
     def clear(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager

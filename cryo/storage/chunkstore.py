@@ -60,7 +60,8 @@ class ChunkStore(Protocol):
     def keys(self) -> Iterator[str]: ...
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation in directory ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -102,9 +103,9 @@ class _FileWriter:
             os.replace(self._tmp, dest)
         except FileNotFoundError:
             dest.parent.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(dest.parent.parent)
+            fsync_dir(dest.parent.parent)
             os.replace(self._tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
 
     def abort(self) -> None:
         if self._fd is not None:
