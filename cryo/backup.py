@@ -84,7 +84,7 @@ from cryo.errors import IllegalArgumentException, ResourceNotFoundException
 from cryo.events import EventSink, FileWarning, Progress, ignore
 from cryo.executor import BoundedExecutor, Coordinator
 from cryo.jobreader import CorruptData, JobReader
-from cryo.jobs import DEFAULT_POOL, find_base, find_token_job
+from cryo.jobs import DEFAULT_POOL, find_base, find_token_job, int_attribute
 from cryo.manifest import (
     MANIFEST_OBJECT,
     Extent,
@@ -794,9 +794,10 @@ class _Reuse:
 
     def find(self, e: Entry) -> _Raw | ManifestEntry | None:
         """The base line to write again, a resumed entry to reuse, or None."""
-        key = _order_key(e.path)
-        while self._cur is not None and self._cur_key < key:
-            self._advance()
+        if self._cur is not None:
+            key = _order_key(e.path)
+            while self._cur is not None and self._cur_key < key:
+                self._advance()
         cur = self._cur
         if cur is not None and self._cur_path == e.path and _same_inode_state(cur[1], e):
             return cur
@@ -856,6 +857,15 @@ def _resolve_base(backend: Any, options: BackupOptions, host: str, paths: list[s
     return base.job_id if base is not None else None
 
 
+def _continues(rec: PendingRun, options: BackupOptions) -> bool:
+    """Whether this run asks for the same pool and base as the unfinished one."""
+    if rec.pool != options.pool_id:
+        return False
+    if options.full:
+        return rec.base_job_id is None
+    return options.base_job_id in (None, rec.base_job_id)
+
+
 def _start_job(
     run: _Run,
     options: BackupOptions,
@@ -875,14 +885,7 @@ def _start_job(
         return backend.create_job(options.client_token, base, options.pool_id, attributes)  # type: ignore[no-any-return]
     for _ in range(2):
         rec = pending.load() if pending is not None else None
-        if (
-            rec is not None
-            and rec.pool == options.pool_id
-            and (
-                (options.full and rec.base_job_id is None)
-                or (not options.full and options.base_job_id in (None, rec.base_job_id))
-            )
-        ):
+        if rec is not None and _continues(rec, options):
             token, base = rec.token, rec.base_job_id
         else:
             token, base = str(uuid.uuid4()), _resolve_base(backend, options, host, paths)
@@ -903,11 +906,10 @@ def _start_job(
 
 
 def _summary_of(job: Job) -> BackupSummary:
-    a = job.attributes
+    """The summary of a job an earlier run with the same client token completed."""
 
     def n(key: str) -> int:
-        v = a.get(key, 0)
-        return v if isinstance(v, int) else 0
+        return int_attribute(job, key) or 0
 
     return BackupSummary(
         job_id=job.job_id,
@@ -920,7 +922,7 @@ def _summary_of(job: Job) -> BackupSummary:
         retries=0,
         warnings=(),
         seconds=0.0,
-        files_unchanged=n("files"),
+        files_unchanged=n("files_unchanged"),
         source_bytes=n("source_bytes"),
         base_job_id=job.base_job_id,
         already_complete=True,

@@ -146,13 +146,18 @@ def select_forget(jobs: Sequence[Job], policy: RetentionPolicy) -> list[Decision
     return decisions
 
 
+def int_attribute(job: Job, key: str) -> int | None:
+    """A job's integer attribute (a figure ``cryo backup`` recorded), or None."""
+    v = job.attributes.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
 def job_record(job: Job) -> dict[str, object]:
     """A job as ``cryo jobs --json`` shows it."""
     a = job.attributes
 
     def n(key: str) -> int | None:
-        v = a.get(key)
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
+        return int_attribute(job, key)
 
     tags = a.get("tags")
     return {

@@ -278,10 +278,14 @@ def test_each_keep_rule_keeps_what_it_promises() -> None:
     assert kept(RetentionPolicy(keep_daily=5)) == [
         f"job-{2 * d + 1:03d}" for d in range(119, 114, -1)
     ]
+    # One a week: the newest job of each of the last three ISO weeks (local time).
+    by_id = {j.job_id: j for j in jobs}
     weekly = kept(RetentionPolicy(keep_weekly=3))
-    assert len(weekly) == 3
-    weeks = {select_forget(jobs, RetentionPolicy(keep_weekly=3))[0].job.created.isocalendar().week}
-    assert weekly[0] == "job-239" and len(weeks) == 1
+    week_of = [by_id[i].created.astimezone().isocalendar()[:2] for i in weekly]
+    assert weekly[0] == "job-239" and len(set(week_of)) == 3
+    for job_id, week in zip(weekly, week_of, strict=True):
+        same_week = [j for j in jobs if j.created.astimezone().isocalendar()[:2] == week]
+        assert job_id == max(same_week, key=lambda j: j.created).job_id
     monthly = kept(RetentionPolicy(keep_monthly=12))
     # January to April 2026 hold jobs (120 days from Jan 1): four months, newest of each.
     assert len(monthly) == 4

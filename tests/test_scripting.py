@@ -210,6 +210,16 @@ def test_settings_come_from_flags_then_environment_then_config(tmp_path: Path) -
     listing = cryo("--config", str(config), "ls", job).stdout
     assert b"conf1.txt" in listing and b"scratch.tmp" not in listing
 
+    # The profile's retention applies to a forget that gives no rule of its own.
+    config.write_text(
+        f'[profiles.default]\nrepository = "{repo}"\nretention = {{ keep_last = 1 }}\n'
+    )
+    newest = cryo("--config", str(config), "backup", str(src), "-q").stdout.decode().strip()
+    forgot = cryo("--config", str(config), "forget", "--json")
+    assert forgot.returncode == 0, forgot.stderr
+    actions = {d["job_id"]: d["action"] for d in map(json.loads, forgot.stdout.splitlines())}
+    assert actions == {newest: "keep", job: "forget"}
+
 
 def test_a_secret_in_the_environment_appears_in_no_output_or_log(tmp_path: Path) -> None:
     (tmp_path / "server").mkdir()

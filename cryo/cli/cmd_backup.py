@@ -138,7 +138,7 @@ def backup(
 ) -> None:
     from cryo.backup import BackupOptions, run_backup
     from cryo.cli.render import Renderer, choose_mode
-    from cryo.jobs import UnknownPool, check_pool
+    from cryo.jobs import DEFAULT_POOL, UnknownPool, check_pool
     from cryo.retry import RetryPolicy
     from cryo.scan import ScanOptions
 
@@ -146,7 +146,7 @@ def backup(
         raise UsageError("--full and --base exclude each other")
     settings = settings_from_options(repo, endpoint_url, region, profile)
     try:
-        pool = check_pool(pool or settings.get("pool") or "GLACIER")
+        pool = check_pool(pool or settings.get("pool") or DEFAULT_POOL)
     except UnknownPool as exc:
         raise UsageError(str(exc)) from None
 

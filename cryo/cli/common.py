@@ -96,15 +96,19 @@ def _root(
     _setup_logging()
 
 
+def redact(text: str) -> str:
+    """``text`` with every secret this process knows of masked."""
+    for secret in STATE.secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "****")
+    return text
+
+
 class _Redact(logging.Filter):
-    """Replace every known secret in a log record by a mask."""
+    """Mask every known secret in a log record."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        for secret in STATE.secrets:
-            if secret and secret in message:
-                message = message.replace(secret, "****")
-        record.msg, record.args = message, None
+        record.msg, record.args = redact(record.getMessage()), None
         return True
 
 
@@ -222,13 +226,12 @@ def backend_from_settings(s: Any, *, create: bool = True) -> Any:
 
 def fail(message: str, code: int, as_json: bool = False) -> typer.Exit:
     """Report an error (one line on stderr, or a JSON object on stdout); returns the Exit."""
+    message = redact(message)
     log.error("%s (exit %d)", message, code)
     if as_json:
         record = {"type": "error", "message": message, "exit_code": code}
         sys.stdout.write(json.dumps(record, sort_keys=True) + "\n")
         sys.stdout.flush()
-    for secret in STATE.secrets:
-        message = message.replace(secret, "****") if secret else message
     sys.stderr.write(f"cryo: {message}\n")
     return typer.Exit(code)
 
@@ -282,7 +285,4 @@ def _maybe_traceback() -> None:
     if STATE.traceback:
         import traceback
 
-        text = traceback.format_exc()
-        for secret in STATE.secrets:
-            text = text.replace(secret, "****") if secret else text
-        sys.stderr.write(text)
+        sys.stderr.write(redact(traceback.format_exc()))
