@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
-import click
 import typer
 
 from cryo import __version__
@@ -267,7 +266,7 @@ def handles_errors(func: Callable[P, R]) -> Callable[P, R]:
             raise fail(str(exc) or type(exc).__name__, exit_code_for(exc), as_json) from None
         except KeyboardInterrupt:
             raise fail("interrupted", exit_code_for(KeyboardInterrupt()), as_json) from None
-        except (typer.Abort, click.exceptions.ClickException):
+        except (typer.Abort, typer.TyperException):
             raise
         except Exception as exc:  # noqa: BLE001 - the one place an unexpected error becomes exit 1
             _maybe_traceback()
