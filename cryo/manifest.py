@@ -23,6 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 FORMAT = "cryo-manifest"
 VERSION = 1
 MANIFEST_OBJECT = "manifest"
@@ -173,7 +175,7 @@ def raw_lines(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, dict[str, Any]]]
         for line in lines:
             if line:
                 try:
-                    yield line, json.loads(line)
+                    yield line, orjson.loads(line)
                 except ValueError as exc:
                     raise ManifestError(f"corrupt manifest line: {exc}") from None
     if carry.strip():
