@@ -152,6 +152,8 @@ class BackupOptions:
     full: bool = False
     """Read every file: no base job."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    estimate_totals: bool = False
+    """Count files and bytes beside the run, so progress can show totals and an ETA."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,8 +342,11 @@ class _Run:
         self.files_unchanged = 0
         self.source_bytes = 0
         self.bytes_read = 0
+        self.bytes_unchanged = 0
         self.bytes_stored = 0
         self.chunks = 0
+        self.files_total: int | None = None
+        self.bytes_total: int | None = None
         self.warnings: list[FileWarning] = []
         c = self.coordinator
         self.readers = BoundedExecutor(options.read_workers, options.read_workers * 2, c, "read")
@@ -439,6 +444,7 @@ class _Run:
             self.source_bytes += size
             if unchanged:
                 self.files_unchanged += 1
+                self.bytes_unchanged += size
 
     def read_bytes(self, n: int) -> None:
         with self._stats_lock:
@@ -452,7 +458,33 @@ class _Run:
 
     def progress(self, phase: str) -> Progress:
         with self._stats_lock:
-            return Progress(phase, self.files, self.bytes_read, self.bytes_stored)
+            return Progress(
+                phase,
+                self.files,
+                self.bytes_read,
+                self.bytes_stored,
+                bytes_done=self.bytes_read + self.bytes_unchanged,
+                files_total=self.files_total,
+                bytes_total=self.bytes_total,
+            )
+
+    def estimate(self, roots: list[bytes], stop: threading.Event) -> None:
+        """Count the files and bytes the scan will find (for totals and an ETA).
+
+        Runs beside the pipeline on its own walk; the totals are published
+        only once the walk is whole, so a partial count never shows as a total.
+        """
+        o = self.options.scan
+        quiet = ScanOptions(o.excludes, o.exclude_caches, o.one_file_system, xattrs=False)
+        files = size = 0
+        for e in scan(roots, quiet, lambda _path, _message: None):
+            if stop.is_set():
+                return
+            if e.kind == KIND_FILE:
+                files += 1
+                size += e.size
+        with self._stats_lock:
+            self.files_total, self.bytes_total = files, size
 
 
 def _manifest_entry(e: Entry) -> ManifestEntry:
@@ -997,6 +1029,10 @@ def run_backup(
 
     ticker = threading.Thread(target=tick, name="progress", daemon=True)
     ticker.start()
+    if options.estimate_totals and options.stdin_name is None:
+        threading.Thread(
+            target=run.estimate, args=(roots, stop_ticker), name="estimate", daemon=True
+        ).start()
     reader_ = _FileReader(run)
     deleted = 0
     try:

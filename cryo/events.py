@@ -12,12 +12,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True, slots=True)
 class Progress:
-    """Running totals; emitted at most a few times per second."""
+    """Running totals; emitted at most a few times per second.
+
+    ``bytes_done`` counts every byte dealt with (read, or found unchanged and
+    skipped), so it moves towards ``bytes_total``; the totals are None until
+    they are known (a backup counts them beside the run when asked to).
+    """
 
     phase: str
     files: int
     bytes_read: int
     bytes_stored: int
+    bytes_done: int = 0
+    files_total: int | None = None
+    bytes_total: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

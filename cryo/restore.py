@@ -53,6 +53,7 @@ from cryo.errors import CryoError
 from cryo.events import EventSink, FileWarning, Progress, ignore
 from cryo.executor import BoundedExecutor, Coordinator
 from cryo.jobreader import CorruptData, JobReader
+from cryo.jobs import int_attribute
 from cryo.manifest import ManifestEntry
 from cryo.retry import RetryingBackend, RetryPolicy
 
@@ -224,6 +225,9 @@ class _Restore:
         self.entries = 0
         self.skipped = 0
         self.bytes_written = 0
+        self.bytes_kept = 0
+        self.files_total: int | None = None
+        self.bytes_total: int | None = None
         self._lock = threading.Lock()
         self.dirs_meta: list[tuple[list[bytes], ManifestEntry]] = []
         self.hardlinks: list[tuple[list[bytes], ManifestEntry]] = []
@@ -239,7 +243,15 @@ class _Restore:
 
     def progress(self) -> Progress:
         with self._lock:
-            return Progress("restore", self.files, self.bytes_written, self.bytes_written)
+            return Progress(
+                "restore",
+                self.files,
+                self.bytes_written,
+                self.bytes_written,
+                bytes_done=self.bytes_written + self.bytes_kept,
+                files_total=self.files_total,
+                bytes_total=self.bytes_total,
+            )
 
     # -- selection -----------------------------------------------------------------
     def selected(self, entry: ManifestEntry) -> bool:
@@ -355,7 +367,9 @@ class _Restore:
     def open_file(self, parts: list[bytes], entry: ManifestEntry) -> _Pending | None:
         dir_fd = self.dirs.open(parts[:-1], create=True)
         if self._keep_existing(dir_fd, parts[-1], entry):
-            self.skipped += 1
+            with self._lock:
+                self.skipped += 1
+                self.bytes_kept += entry.size
             return None
         temp = _temp_name()
         fd = os.open(
@@ -589,6 +603,10 @@ def run_restore(
             "if-changed or always"
         )
     r = _Restore(backend, job_id, options, on_event)
+    if not options.includes and not options.excludes:
+        job = r.backend.describe_job(job_id)
+        r.files_total = int_attribute(job, "files")
+        r.bytes_total = int_attribute(job, "source_bytes")
     stop = threading.Event()
 
     def tick() -> None:

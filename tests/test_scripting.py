@@ -329,3 +329,69 @@ def test_shell_completion_scripts(shell: str) -> None:
     assert b"cryo" in r.stdout and len(r.stdout) > 100
     version = cryo("--version")
     assert re.fullmatch(rb"cryo \d+\.\d+\.\d+\n", version.stdout)
+
+
+def _on_a_terminal(*args: str) -> tuple[int, str, str]:
+    """Run cryo with stderr on a pseudo-terminal; exit status, stdout, terminal output."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CRYO_", "AWS_"))}
+    env.update(TERM="xterm", COLUMNS="200")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cryo", *args],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 0.1)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # the child closed its end
+                break
+            if not data:
+                break
+            seen += data
+        elif proc.poll() is not None:
+            break
+    os.close(master)
+    assert proc.stdout is not None
+    out = proc.stdout.read().decode()
+    proc.stdout.close()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", seen.decode(errors="replace"))
+    return proc.wait(), out, text
+
+
+def test_progress_on_a_terminal_shows_totals_and_time_remaining(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(150):
+        (src / f"f{i:03d}").write_bytes(os.urandom(100_000))
+    repo = str(tmp_path / "repo")
+    code, out, term = _on_a_terminal("backup", "--repo", repo, str(src))
+    assert code == 0, term
+    job = out.split()[-1]
+    # The totals were counted beside the run, so the bar knows where it ends.
+    assert "150/150 files" in term
+    assert "15.0/15.0 MB" in term
+    assert "ETA" in term
+    code, out, term = _on_a_terminal("restore", job, "--repo", repo, "--to", str(tmp_path / "out"))
+    assert code == 0, term
+    assert "150/150 files" in term
+    assert "15.0/15.0 MB" in term
+
+
+def test_json_progress_of_a_restore_carries_its_totals(tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src")
+    repo = str(tmp_path / "repo")
+    job = cryo("backup", "-q", "--repo", repo, str(src)).stdout.decode().strip()
+    done = cryo("restore", job, "--repo", repo, "--to", str(tmp_path / "out"), "--json")
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    last = [r for r in records if r.get("type") == "progress"][-1]
+    files = sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    assert last["files_total"] == last["files"] == files
+    assert last["bytes_total"] == last["bytes_done"] == size

@@ -171,6 +171,7 @@ def backup(
             if not os.path.lexists(abspath):
                 raise UsageError(f"{p}: no such file or directory")
             roots.append(abspath)
+    mode = choose_mode(quiet, as_json)
     options = BackupOptions(
         paths=tuple(roots),
         stdin_name=stdin_name if use_stdin else None,
@@ -190,9 +191,10 @@ def backup(
         base_job_id=base,
         full=full,
         retry=RetryPolicy(max_elapsed=retry_max_time),
+        estimate_totals=mode == "tty",
     )
     backend = backend_from_settings(settings)
-    renderer = Renderer(choose_mode(quiet, as_json))
+    renderer = Renderer(mode)
     try:
         with backup_lock(backend, options, lock_wait) as pending:
             summary = run_backup(backend, options, on_event=renderer, pending=pending)

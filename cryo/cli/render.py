@@ -1,6 +1,7 @@
 """Rendering the core's events: a progress display on a terminal, JSON lines, or quiet.
 
-* ``tty``: a rich progress line on stderr (files, bytes, throughput, elapsed).
+* ``tty``: a rich progress line on stderr (files, bytes, throughput, elapsed,
+  and, once the totals are known, a filling bar and the time remaining).
 * ``json``: one JSON object per line on stdout, progress at most twice a second.
 * ``plain`` and ``quiet``: nothing while running; warnings go to stderr.
 """
@@ -35,6 +36,7 @@ class Renderer:
                 DownloadColumn,
                 TextColumn,
                 TimeElapsedColumn,
+                TimeRemainingColumn,
                 TransferSpeedColumn,
             )
             from rich.progress import Progress as RichProgress
@@ -47,6 +49,8 @@ class Renderer:
                 DownloadColumn(),
                 TransferSpeedColumn(),
                 TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
                 console=console,
                 transient=True,
             )
@@ -72,14 +76,21 @@ class Renderer:
                             "type": "progress",
                             "phase": event.phase,
                             "files": event.files,
+                            "files_total": event.files_total,
                             "bytes_read": event.bytes_read,
                             "bytes_stored": event.bytes_stored,
+                            "bytes_done": event.bytes_done,
+                            "bytes_total": event.bytes_total,
                         }
                     )
             elif self._progress is not None:
+                files = str(event.files)
+                if event.files_total is not None:
+                    files += f"/{max(event.files_total, event.files)}"
+                total = event.bytes_total
                 self._progress.update(
-                    self._task, description=event.phase, completed=event.bytes_read,
-                    files=event.files,
+                    self._task, description=event.phase, completed=event.bytes_done,
+                    total=None if total is None else max(total, event.bytes_done), files=files,
                 )  # fmt: skip
         elif isinstance(event, Retry):
             log.info("retry %d of %s: %s", event.attempt, event.operation, event.error)
