@@ -119,3 +119,7 @@ class EndpointUnreachable(CryoError):
 
 class RepositoryError(CryoError):
     """The local repository cannot be opened or is not a cryo repository."""
+
+
+class RepositoryDamaged(CryoError):
+    """The repository's catalog is damaged (SQLite found a malformed page): exit 1."""

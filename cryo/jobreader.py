@@ -16,7 +16,7 @@ from typing import Any
 
 from cryo.checksums import b64_of_digest
 from cryo.encoding import EncodingError, decode
-from cryo.errors import CryoError
+from cryo.errors import CryoError, ResourceNotFoundException
 from cryo.manifest import MANIFEST_OBJECT, ManifestEntry, parse_lines, read_entries
 from cryo.storage.api import BackupObject, Chunk, iter_chunks, iter_objects
 
@@ -54,7 +54,10 @@ class JobReader:
         if not 0 <= index < len(chunks):
             raise CorruptData(f"object {name!r} has no chunk {index}")
         c = chunks[index]
-        data = self.backend.get_chunk(self.job_id, c.chunk_token).data
+        try:
+            data = self.backend.get_chunk(self.job_id, c.chunk_token).data
+        except ResourceNotFoundException as exc:  # listed, yet its data is gone
+            raise CorruptData(f"chunk {index} of {name!r} cannot be read: {exc}") from None
         if b64_of_digest(hashlib.sha256(data).digest()) != c.checksum:
             raise CorruptData(f"chunk {index} of {name!r} fails its SHA-256 checksum")
         return bytes(data)

@@ -63,6 +63,7 @@ from cryo.errors import (
     AccessDeniedException,
     DataAlreadyExistsException,
     IllegalArgumentException,
+    RepositoryDamaged,
     RepositoryError,
     ResourceNotFoundException,
     RetryableException,
@@ -344,8 +345,19 @@ class _Engine:
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
-        conn = self.conn()
-        conn.executescript(SCHEMA)
+        with self.damage_reported():
+            self.conn().executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def damage_reported(self) -> Iterator[None]:
+        """Turn SQLite's report of a damaged catalog into one clear error."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+            if code not in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+                raise
+            raise RepositoryDamaged(f"the catalog {self.db_path} is damaged: {exc}") from None
 
     def conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -364,24 +376,26 @@ class _Engine:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the catalog's lock."""
-        conn = self.conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self.damage_reported():
+            conn = self.conn()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: one consistent snapshot of the catalog."""
-        conn = self.conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
+        with self.damage_reported():
+            conn = self.conn()
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._all_lock:
@@ -549,8 +563,9 @@ class LocalBackend:
     def _process_trash(self) -> None:
         """Delete the files of trashed chunks that nothing took back."""
         store = self._engine.store
-        if self._engine.conn().execute("SELECT 1 FROM trash LIMIT 1").fetchone() is None:
-            return
+        with self._engine.damage_reported():
+            if self._engine.conn().execute("SELECT 1 FROM trash LIMIT 1").fetchone() is None:
+                return
         with self._engine.write() as conn:
             for (sha,) in conn.execute("SELECT sha FROM trash").fetchall():
                 if conn.execute("SELECT 1 FROM chunks WHERE sha = ?", (sha,)).fetchone() is None:
@@ -984,14 +999,21 @@ class LocalBackend:
         return row[0], row[1]
 
     def open_chunk(self, storage_job_id: str, chunk_token: str) -> tuple[BinaryIO, int, str]:
-        """GetChunk for streaming: an open file, its recorded length and checksum."""
+        """GetChunk for streaming: an open file, the bytes to send and the recorded checksum.
+
+        Stored bytes are served as they are: a chunk file damaged on disk
+        (changed, or cut short) fails the reader's checksum check, which
+        names it. A chunk file that is gone is ResourceNotFoundException,
+        since no retry can bring it back.
+        """
         sha, length = self._chunk_row(storage_job_id, chunk_token)
         try:
-            return self._engine.store.open(sha), length, checksum_of_hex(sha)
+            f = self._engine.store.open(sha)
         except FileNotFoundError:
-            raise ServiceInternalException(
+            raise ResourceNotFoundException(
                 f"the data of chunk {chunk_token} is missing from the repository"
             ) from None
+        return f, min(length, os.fstat(f.fileno()).st_size), checksum_of_hex(sha)
 
     def get_chunk(self, storage_job_id: str, chunk_token: str) -> ChunkData:
         f, length, checksum = self.open_chunk(storage_job_id, chunk_token)
