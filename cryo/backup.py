@@ -1136,5 +1136,7 @@ def _drop_unreferenced(run: _Run, referenced: set[str]) -> int:
         if o.name != MANIFEST_OBJECT and o.name not in referenced
     ]
     for name in names:
-        run.backend.delete_object(run.job_id, name)
+        # Not found: a retry whose first attempt deleted it, though its reply was lost.
+        with contextlib.suppress(ResourceNotFoundException):
+            run.backend.delete_object(run.job_id, name)
     return len(names)

@@ -64,9 +64,16 @@ class RetryingBackend:
             exc = state.outcome.exception() if state.outcome else None
             self._on_event(Retry(name, state.attempt_number, str(exc)))
 
+        backoff = tenacity.wait_random_exponential(multiplier=policy.initial, max=policy.maximum)
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            # Never sleep past the cap: the last attempt starts at the cap at the latest.
+            left = policy.max_elapsed - (state.seconds_since_start or 0.0)
+            return max(0.0, min(backoff(state), left))
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_retryable),
-            wait=tenacity.wait_random_exponential(multiplier=policy.initial, max=policy.maximum),
+            wait=wait,
             stop=tenacity.stop_after_delay(policy.max_elapsed),
             before_sleep=before_sleep,
             reraise=True,

@@ -153,14 +153,16 @@ def verify(
     from cryo.jobreader import CorruptData, JobReader
     from cryo.manifest import ManifestError
     from cryo.restore import iter_bad_files
+    from cryo.retry import RetryingBackend
 
     backend = backend_from_options(repo, endpoint_url, region, profile, create=False)
     problems = 0
     try:
-        info = backend.describe_job(job)
+        retrying = RetryingBackend(backend)
+        info = retrying.describe_job(job)
         if info.status not in ("COMPLETED", "PARTIAL"):
             raise CorruptData(f"job {job} is {info.status}, not complete")
-        reader = JobReader(backend, job)
+        reader = JobReader(retrying, job)
         entries = 0
         try:
             _, it = reader.manifest()

@@ -601,7 +601,13 @@ class LocalBackend:
         blob_sha: str | None,
         blob_length: int | None,
         throw_on_duplicate: bool,
-    ) -> int:
+    ) -> tuple[int, int | None]:
+        """Insert an object under ``name``; returns its id and that of the object it replaced.
+
+        The caller inserts the new object's chunks, then releases the replaced
+        one: released first, a chunk both share (the same bytes sent again, as
+        a retried PutObject does) would be reclaimed under the new object.
+        """
         existing = conn.execute(
             "SELECT o.object_id, o.checksum FROM job_objects jo JOIN objects o "
             "ON o.object_id = jo.object_id WHERE jo.job_seq = ? AND jo.name = ?",
@@ -622,9 +628,7 @@ class LocalBackend:
             "INSERT OR REPLACE INTO job_objects(job_seq, name, object_id) VALUES (?, ?, ?)",
             (seq, name, object_id),
         )
-        if existing is not None:
-            self._release_objects(conn, [existing[0]])
-        return object_id
+        return object_id, existing[0] if existing is not None else None
 
     # -- backup side -------------------------------------------------------
     def start_object(
@@ -796,7 +800,7 @@ class LocalBackend:
                         conn, blob_key, blob_length, writer, metadata_blob or b""
                     )
                     writer = None
-                object_id = self._insert_object(
+                object_id, replaced = self._insert_object(
                     conn,
                     seq,
                     name,
@@ -817,6 +821,8 @@ class LocalBackend:
                 conn.execute(
                     "UPDATE uploads SET object_id = ? WHERE upload_id = ?", (object_id, upload_id)
                 )
+                if replaced is not None:
+                    self._release_objects(conn, [replaced])
         finally:
             if writer is not None:
                 writer.abort()
@@ -863,7 +869,7 @@ class LocalBackend:
                 seq, _ = self._job_row(conn, backup_job_id, writable=True)
                 self._store_under_lock(conn, key, inline_chunk_length, writer, inline_chunk)
                 writer = None
-                object_id = self._insert_object(
+                object_id, replaced = self._insert_object(
                     conn,
                     seq,
                     object_name,
@@ -879,6 +885,8 @@ class LocalBackend:
                     "INSERT INTO object_chunks(object_id, idx, sha, length) VALUES (?, 0, ?, ?)",
                     (object_id, key, inline_chunk_length),
                 )
+                if replaced is not None:
+                    self._release_objects(conn, [replaced])
         finally:
             if writer is not None:
                 writer.abort()
