@@ -311,3 +311,36 @@ def test_endpoint_down_longer_than_the_cap_exits_10_and_leaves_a_resumable_job(
     assert snapshot(dest / str(src).lstrip("/")) == expected
     print(f"\nendpoint down: exit 10 after {took:.1f} s (cap {cap} s); "
           f"resumed with {again['files_unchanged']} files reused")  # fmt: skip
+
+
+def test_jobs_ls_and_forget_retry_too(
+    tmp_path: Path, server: ServerProcess, env: dict[str, str]
+) -> None:
+    """Listing, ``ls`` and ``forget`` go through the same retries as backups."""
+    src = tmp_path / "src"
+    src.mkdir()
+    jobs = []
+    for i in range(3):
+        (src / f"day{i}").write_bytes(os.urandom(1000))
+        r = cryo("backup", "-q", str(src), "--endpoint-url", server.url, env=env)
+        assert r.returncode == 0, r.stderr
+        jobs.append(r.stdout.strip())
+    # Every request fails once (a modeled error, or a reply cut after the work was
+    # done, so a delete_job is sent again after it succeeded), then goes through.
+    kinds = (*ERRORS, RESET_REPLY)
+    with FaultProxy(server.url, rate=1.0, seed=5, kinds=kinds, per_operation=1) as proxy:
+        url = ["--endpoint-url", proxy.url]
+        listed = cryo("jobs", *url, "--json", env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert [json.loads(x)["job_id"] for x in listed.stdout.splitlines()] == jobs[::-1]
+        ls = cryo("ls", jobs[0], *url, env=env)
+        assert ls.returncode == 0, ls.stderr
+        assert "day0" in ls.stdout
+        forget = cryo("forget", "--keep-last", "1", *url, env=env)
+        assert forget.returncode == 0, forget.stderr
+        assert proxy.counts.visible >= 3
+    client = server.client((env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]))
+    try:
+        assert [j.job_id for j in client.list_jobs().jobs] == [jobs[-1]]
+    finally:
+        client.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import stat
 from datetime import UTC, datetime
@@ -20,7 +21,9 @@ from cryo.cli.common import (
     handles_errors,
     settings_from_options,
 )
+from cryo.errors import ResourceNotFoundException
 from cryo.exitcodes import UsageError
+from cryo.retry import RetryingBackend
 
 PoolFilter = Annotated[
     str | None,
@@ -77,7 +80,7 @@ def jobs(
     from cryo.jobs import job_record
 
     pool = _pool(pool)
-    backend = backend_from_options(repo, endpoint_url, region, profile)
+    backend = RetryingBackend(backend_from_options(repo, endpoint_url, region, profile))
     try:
         shown = 0
         while shown < limit:
@@ -133,7 +136,9 @@ def ls(
     kinds = {KIND_DIR: stat.S_IFDIR, KIND_SYMLINK: stat.S_IFLNK, "p": stat.S_IFIFO,
              "s": stat.S_IFSOCK, "c": stat.S_IFCHR, "b": stat.S_IFBLK}  # fmt: skip
     prefix = os.fsencode(path.strip("/")) if path else b""
-    backend = backend_from_options(repo, endpoint_url, region, profile, create=False)
+    backend = RetryingBackend(
+        backend_from_options(repo, endpoint_url, region, profile, create=False)
+    )
     out = sys.stdout.buffer
     try:
         _, entries = JobReader(backend, job).manifest()
@@ -212,13 +217,15 @@ def forget(
             "(or a retention table in the config profile)"
         )
     pool = _pool(pool)
-    backend = backend_from_settings(settings, create=False)
+    backend = RetryingBackend(backend_from_settings(settings, create=False))
     try:
         decisions = select_forget(list(iter_jobs(backend, pool)), policy)
         for d in decisions:
             action = "keep" if d.keep else ("would forget" if dry_run else "forget")
             if not d.keep and not dry_run:
-                backend.delete_job(d.job.job_id)
+                # Not found: gone already (a retry whose first attempt's reply was lost).
+                with contextlib.suppress(ResourceNotFoundException):
+                    backend.delete_job(d.job.job_id)
             if as_json:
                 typer.echo(
                     json.dumps(
