@@ -499,6 +499,7 @@ def test_client_killed_at_five_points_resumes_without_resending(
         )
 
     listed = cli("jobs", "--endpoint-url", json_server.url, "--json", env=env)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
     statuses = {d["job_id"]: d["status"] for d in map(json.loads, listed.stdout.splitlines())}
     assert statuses == dict.fromkeys(jobs, "COMPLETED")
     for job in jobs:
