@@ -106,6 +106,7 @@ from cryo.scan import (
     ScanOptions,
     canonical_roots,
     load_xattrs,
+    open_path,
     scan,
 )
 from cryo.storage.api import (
@@ -605,9 +606,9 @@ class _FileReader:
         m = _manifest_entry(entry)
         flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
         try:
-            fd = os.open(entry.source, flags | getattr(os, "O_NOATIME", 0))
+            fd = open_path(entry.source, flags | getattr(os, "O_NOATIME", 0))
         except OSError:  # O_NOATIME needs ownership; retry without it, failing for real
-            fd = _io(os.open, entry.source, flags)
+            fd = _io(open_path, entry.source, flags)
         try:
             before = _io(os.fstat, fd)
             h = xxhash.xxh3_128()

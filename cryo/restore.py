@@ -489,6 +489,9 @@ class _Restore:
             self.fail(entry.path, "hard link target was not restored")
             return
         os.rename(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        # rename() does nothing when both names are links to one inode (an earlier restore's).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp, dir_fd=dir_fd)
         with self._lock:
             self.entries += 1
 
@@ -555,17 +558,36 @@ def _owner_ids(entry: ManifestEntry) -> tuple[int, int]:
     return _id_by_name("u", entry.user, entry.uid), _id_by_name("g", entry.group, entry.gid)
 
 
+_ZEROS = bytes(1024 * 1024)
+
+
 def _xxh3_fd(fd: int, size: int) -> str:
+    """xxh3-128 of the first ``size`` bytes of ``fd`` (of fewer if the file is shorter).
+
+    Holes are hashed as the zeros they read as, without reading them
+    (SEEK_DATA), so a sparse file costs what its data costs, whatever its size.
+    """
     import xxhash
 
     h = xxhash.xxh3_128()
+    size = min(size, os.fstat(fd).st_size)
     pos = 0
     while pos < size:
-        data = os.pread(fd, min(4 * 1024 * 1024, size - pos), pos)
-        if not data:
-            break
-        h.update(data)
-        pos += len(data)
+        try:
+            start = min(os.lseek(fd, pos, os.SEEK_DATA), size)
+            end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        except OSError as exc:  # ENXIO: only a hole remains; otherwise no SEEK_DATA here
+            start, end = (size, size) if exc.errno == errno.ENXIO else (pos, size)
+        while pos < start:
+            step = min(start - pos, len(_ZEROS))
+            h.update(_ZEROS[:step])
+            pos += step
+        while pos < end:
+            data = os.pread(fd, min(4 * 1024 * 1024, end - pos), pos)
+            if not data:
+                return str(h.hexdigest())
+            h.update(data)
+            pos += len(data)
     return str(h.hexdigest())
 
 

@@ -15,10 +15,18 @@ syntax). ``exclude_caches`` skips the contents of directories holding a
 valid ``CACHEDIR.TAG``; ``one_file_system`` does not descend into other
 file systems. An unreadable directory is reported and recorded without its
 contents; the walk goes on.
+
+Memory does not grow with the size of the tree: the walk holds, for each
+directory on the way down, only the sorted names still to visit, and stats
+each entry when it comes to it. Paths longer than one system call takes
+(``PATH_MAX``) are reached through directory descriptors (``open_path`` and
+the other helpers below), so any depth the file system allows is backed up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fnmatch
 import grp
 import os
@@ -28,6 +36,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"
+PATH_MAX = 4096
+"""Longest path (with its NUL) a system call takes; longer ones go through directory fds."""
+_O_PATH = getattr(os, "O_PATH", os.O_RDONLY)
 
 KIND_FILE = "f"
 KIND_DIR = "d"
@@ -109,8 +120,84 @@ def _kind(mode: int) -> str:
     return KIND_BLOCK
 
 
+def _open_dir(path: bytes) -> int:
+    """A descriptor (O_PATH) of directory ``path``, however long, opened piece by piece."""
+    fd: int | None = None
+    rest = path
+    try:
+        while True:
+            if len(rest) < PATH_MAX:
+                piece, rest = rest, b""
+            else:
+                cut = rest.rfind(b"/", 1, PATH_MAX - 1)
+                if cut <= 0:
+                    raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path)
+                piece, rest = rest[:cut], rest[cut + 1 :]
+            nfd = os.open(piece, _O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            if fd is not None:
+                os.close(fd)
+            fd = nfd
+            if not rest:
+                return fd
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def _located(path: bytes) -> Iterator[tuple[int | None, bytes]]:
+    """``path`` as (directory fd, name) for the ``*at`` calls; (None, path) if it is short."""
+    if len(path) < PATH_MAX:
+        yield None, path
+        return
+    parent, name = os.path.split(path)
+    fd = _open_dir(parent)
+    try:
+        yield fd, name
+    finally:
+        os.close(fd)
+
+
+def lstat_path(path: bytes) -> os.stat_result:
+    with _located(path) as (fd, name):
+        return os.stat(name, dir_fd=fd, follow_symlinks=False)
+
+
+def open_path(path: bytes, flags: int, mode: int = 0o777) -> int:
+    """``os.open`` for a path of any length (the last component as ``flags`` say)."""
+    with _located(path) as (fd, name):
+        return os.open(name, flags, mode, dir_fd=fd)
+
+
+def readlink_path(path: bytes) -> bytes:
+    with _located(path) as (fd, name):
+        return os.readlink(name, dir_fd=fd)
+
+
+def list_names(path: bytes) -> list[bytes]:
+    """The names in directory ``path``, sorted by their bytes."""
+    if len(path) < PATH_MAX:
+        with os.scandir(path) as it:
+            return sorted(d.name for d in it)
+    fd = open_path(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with os.scandir(fd) as it:
+            return sorted(os.fsencode(d.name) for d in it)
+    finally:
+        os.close(fd)
+
+
 def read_xattrs(path: bytes) -> dict[bytes, bytes]:
     """Extended attributes of ``path`` (not following symlinks); empty where unsupported."""
+    try:
+        with _located(path) as (fd, name):
+            return _xattrs_of(name if fd is None else b"/proc/self/fd/%d/%s" % (fd, name))
+    except OSError:
+        return {}
+
+
+def _xattrs_of(path: bytes) -> dict[bytes, bytes]:
     try:
         names = os.listxattr(path, follow_symlinks=False)
     except OSError:
@@ -144,7 +231,7 @@ def entry_for(source: bytes, st: os.stat_result, xattrs: bool = True) -> Entry:
         group=_group(st.st_gid),
     )
     if kind == KIND_SYMLINK:
-        e.target = os.readlink(source)
+        e.target = readlink_path(source)
     elif kind in (KIND_CHAR, KIND_BLOCK):
         e.rdev = st.st_rdev
     if xattrs and kind != KIND_SYMLINK:
@@ -163,11 +250,22 @@ def _excluded(path: bytes, name: bytes, patterns: tuple[bytes, ...]) -> bool:
 
 
 def _is_cache_dir(path: bytes) -> bool:
+    """Whether ``path`` holds a valid CACHEDIR.TAG; only a regular file is ever opened."""
     try:
-        with open(os.path.join(path, b"CACHEDIR.TAG"), "rb") as f:
-            return f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE
+        with _located(os.path.join(path, b"CACHEDIR.TAG")) as (dir_fd, name):
+            if not stat.S_ISREG(os.stat(name, dir_fd=dir_fd).st_mode):
+                return False  # a FIFO would block, a device could be anything
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # replaced since: never read it
+            return False
+        return os.pread(fd, len(CACHEDIR_SIGNATURE), 0) == CACHEDIR_SIGNATURE
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def canonical_roots(roots: list[bytes]) -> list[bytes]:
@@ -217,11 +315,11 @@ def scan(
         for p in reversed(parents):
             seen_parents.add(p)
             try:
-                yield entry_for(p, os.lstat(p), options.xattrs)
+                yield entry_for(p, lstat_path(p), options.xattrs)
             except OSError as exc:
                 warn(p, exc.strerror or str(exc))
         try:
-            st = os.lstat(root)
+            st = lstat_path(root)
         except OSError as exc:
             warn(root, exc.strerror or str(exc))
             continue
@@ -237,9 +335,27 @@ def _walk(
     warn: Callable[[bytes, str], None],
     hardlinks: dict[tuple[int, int], bytes],
 ) -> Iterator[Entry]:
-    stack: list[tuple[bytes, os.stat_result]] = [(path, st)]
-    while stack:
-        path, st = stack.pop()
+    # One frame per directory on the way down: its path and the names still to
+    # visit, last first. Children are stat'ed only when their turn comes.
+    frames: list[tuple[bytes, list[bytes]]] = []
+    item: tuple[bytes, os.stat_result] | None = (path, st)
+    while True:
+        if item is None:
+            while frames and not frames[-1][1]:
+                frames.pop()
+            if not frames:
+                return
+            parent, names = frames[-1]
+            child = os.path.join(parent, names.pop())
+            try:
+                item = (child, lstat_path(child))
+            except FileNotFoundError:
+                continue  # vanished between listing and stat: it was never there
+            except OSError as exc:
+                warn(child, exc.strerror or str(exc))
+                continue
+        path, st = item
+        item = None
         try:
             entry = entry_for(path, st, options.xattrs)
         except OSError as exc:
@@ -261,22 +377,13 @@ def _walk(
             continue
         cache_dir = options.exclude_caches and _is_cache_dir(path)
         try:
-            with os.scandir(path) as it:
-                names = sorted(d.name for d in it)
+            names = list_names(path)
         except OSError as exc:
             warn(path, f"cannot list directory: {exc.strerror or exc}")
             continue
-        children: list[tuple[bytes, os.stat_result]] = []
-        for name in names:
-            child = os.path.join(path, name)
-            if cache_dir and name != b"CACHEDIR.TAG":
-                continue
-            if options.excludes and _excluded(child, name, options.excludes):
-                continue
-            try:
-                children.append((child, os.lstat(child)))
-            except FileNotFoundError:
-                continue  # vanished between listing and stat: it was never there
-            except OSError as exc:
-                warn(child, exc.strerror or str(exc))
-        stack.extend(reversed(children))
+        if cache_dir:
+            names = [n for n in names if n == b"CACHEDIR.TAG"]
+        if options.excludes:
+            names = [n for n in names if not _excluded(os.path.join(path, n), n, options.excludes)]
+        names.reverse()
+        frames.append((path, names))

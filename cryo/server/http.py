@@ -550,6 +550,11 @@ class Handler(BaseHTTPRequestHandler):
         self._reply_status = status
         if self._record is not None:
             self._record.bytes_out = length
+        if self.command == "HEAD":  # the reply's headers only, never its content (RFC 9110)
+            if self._record is not None:
+                self._record.bytes_out = 0
+            self.connection.sendall(head)
+            return
         if file is None:
             self.connection.sendall(head + body)
             return

@@ -36,6 +36,17 @@ class AccessRecord:
     request_id: str = ""
 
 
+def _token(value: str | None) -> str:
+    """A field of a text line as one token: what a client sent cannot add blanks or lines."""
+    if not value:
+        return "-"
+    return "".join(c if c.isprintable() and c != " " else _escaped(c) for c in value)
+
+
+def _escaped(c: str) -> str:
+    return "\\x20" if c == " " else c.encode("unicode_escape").decode("ascii")
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -81,8 +92,8 @@ class ServerLog:
         status = "-" if rec.status is None else str(rec.status)
         error = f" {rec.error}" if rec.error else ""
         self._write(
-            f"{_now()} {rec.remote} {rec.key or '-'} {rec.operation or rec.method} "
-            f"{rec.job or '-'} {status}{error} in={rec.bytes_in} out={rec.bytes_out} "
+            f"{_now()} {rec.remote} {_token(rec.key)} {_token(rec.operation or rec.method)} "
+            f"{_token(rec.job)} {status}{error} in={rec.bytes_in} out={rec.bytes_out} "
             f"{rec.ms:.1f}ms {rec.request_id}"
         )
 

@@ -184,8 +184,16 @@ def _json_reply(document: Mapping[str, Any], status: int = 200, job: str | None 
     return Reply(status, [("Content-Type", "application/json")], body, job=job)
 
 
-def _stream(call: Call) -> BinaryIO:
+def _stream(call: Call, length: int | None = None, member: str = "Length") -> BinaryIO:
+    """The payload; IllegalArgumentException at once if its framing says it is not ``length``.
+
+    A body whose Content-Length differs from the member's value is refused
+    before it is read, rather than once the server has waited for all of it.
+    """
     stream: Readable = call.stream if call.stream is not None else _Empty()
+    framed = getattr(call.stream, "length", None)
+    if length is not None and framed is not None and framed != length:
+        raise IllegalArgumentException(f"{member} is {length} but the body has {framed} bytes")
     return cast(BinaryIO, stream)
 
 
@@ -210,12 +218,13 @@ def put_chunk(call: Call) -> Reply:
     q = call.query
     index = _integer(call.labels["chunkIndex"], "ChunkIndex")
     assert index is not None
+    length = _required_integer(q, "length", "Length")
     result = call.backend.put_chunk(
         call.labels["jobId"],
         call.labels["uploadId"],
         index,
-        _stream(call),
-        _required_integer(q, "length", "Length"),
+        _stream(call, length),
+        length,
         _required(q, "checksum", "Checksum"),
         _required(q, "checksum-algorithm", "ChecksumAlgorithm"),
     )
@@ -229,14 +238,17 @@ def put_chunk(call: Call) -> Reply:
 
 def notify_object_complete(call: Call) -> Reply:
     q = call.query
+    blob_length = _integer(q.get("metadata-blob-length"), "MetadataBlobLength")
     result = call.backend.notify_object_complete(
         call.labels["jobId"],
         call.labels["uploadId"],
         _required(q, "checksum", "ObjectChecksum"),
         _required(q, "checksum-algorithm", "ObjectChecksumAlgorithm"),
         metadata_string=q.get("metadata-string"),
-        metadata_blob=cast(BinaryIO, call.stream) if call.stream is not None else None,
-        metadata_blob_length=_integer(q.get("metadata-blob-length"), "MetadataBlobLength"),
+        metadata_blob=(
+            _stream(call, blob_length, "MetadataBlobLength") if call.stream is not None else None
+        ),
+        metadata_blob_length=blob_length,
         metadata_blob_checksum=q.get("metadata-checksum"),
         metadata_blob_checksum_algorithm=q.get("metadata-checksum-algorithm"),
     )
@@ -256,7 +268,7 @@ def put_object(call: Call) -> Reply:
     result = call.backend.put_object(
         call.labels["jobId"],
         call.labels["objectName"],
-        _stream(call),
+        _stream(call, length, "InlineChunkLength"),
         length,
         _required(q, "checksum", "InlineChunkChecksum"),
         q.get("checksum-algorithm", "SHA256"),

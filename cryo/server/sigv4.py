@@ -49,6 +49,7 @@ _HEX64_RE = re.compile(r"^[0-9a-f]{64}$")
 _AMZ_DATE_RE = re.compile(r"^\d{8}T\d{6}Z$")
 _HEADER_NAME_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")
 _QUERY_SAFE = "-_.~"
+_SINGLE_HEADERS = ("Authorization", "X-Amz-Date", "X-Amz-Content-SHA256")
 
 
 def remove_dot_segments(path: str) -> str:
@@ -199,6 +200,9 @@ class Verifier:
 
     def claim(self, headers: Message) -> Claim:
         """Everything that can be checked before the body is read."""
+        for name in _SINGLE_HEADERS:  # which copy would count is ambiguous: refuse them all
+            if len(headers.get_all(name) or ()) > 1:
+                raise AccessDeniedException(f"the request has more than one {name} header")
         auth = parse_authorization(headers.get("Authorization"))
         amz_date = headers.get("X-Amz-Date")
         if amz_date is None or not _AMZ_DATE_RE.match(amz_date):

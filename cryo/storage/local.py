@@ -278,15 +278,19 @@ def _decode_name_token(token: str) -> str:
     try:
         if not token.startswith("n"):
             raise ValueError
-        return base64.urlsafe_b64decode(token[1:].encode("ascii")).decode("utf-8")
+        raw = base64.b64decode(token[1:].encode("ascii"), altchars=b"-_", validate=True)
+        if not raw:
+            raise ValueError
+        return raw.decode("utf-8")
     except (ValueError, UnicodeError):
         raise IllegalArgumentException("NextToken is not valid") from None
 
 
 def _decode_int_token(token: str, prefix: str, field: str) -> int:
-    if not token.startswith(prefix) or not token[len(prefix) :].isdigit():
+    digits = token[len(prefix) :]
+    if not (token.startswith(prefix) and digits.isdigit() and digits.isascii()) or len(digits) > 19:
         raise IllegalArgumentException(f"{field} is not valid")
-    value = int(token[len(prefix) :])
+    value = int(digits)
     if value > 2**62:
         raise IllegalArgumentException(f"{field} is not valid")
     return value
