@@ -66,6 +66,10 @@ class UnsafePath(CryoError):
     """A path in the job that could escape the target directory."""
 
 
+class BadEntry(UnsafePath):
+    """An entry whose fields no file system could hold (a damaged or crafted job)."""
+
+
 class TargetNotEmpty(CryoError):
     """The target directory has content and no overwrite policy was given."""
 
@@ -106,6 +110,53 @@ def check_path(path: bytes) -> list[bytes]:
     for p in parts:
         if p in (b"", b".", b".."):
             raise UnsafePath(f"refusing path with an empty, '.' or '..' component {shown!r}")
+    return parts
+
+
+_NAME_MAX = 255
+_PATH_MAX = 4096
+_MAX_OFFSET = 2**63 - 1
+_MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to chown
+_MAX_DEV = 2**64 - 1
+_KINDS = frozenset("fdlhpscb")
+
+
+def check_entry(entry: ManifestEntry) -> list[bytes]:
+    """The components of ``entry``'s path, once every field is one a file system can hold.
+
+    Raises UnsafePath (a path that could escape) or BadEntry (a name, size,
+    offset, id, time or device number out of range), so one crafted or
+    damaged entry is refused by name while the rest of the job is restored.
+    """
+    parts = check_path(entry.path)
+    shown = entry.path.decode("utf-8", "backslashreplace")
+
+    def bad(what: str) -> BadEntry:
+        return BadEntry(f"refusing {shown!r}: {what}")
+
+    if any(len(p) > _NAME_MAX for p in parts):
+        raise bad(f"a name is longer than {_NAME_MAX} bytes")
+    if entry.kind not in _KINDS:
+        raise bad(f"unknown kind {entry.kind!r}")
+    if not 0 <= entry.mode <= 0o7777:
+        raise bad(f"mode {entry.mode} is out of range")
+    if not (0 <= entry.uid <= _MAX_ID and 0 <= entry.gid <= _MAX_ID):
+        raise bad(f"owner {entry.uid}:{entry.gid} is out of range")
+    if not -_MAX_OFFSET <= entry.mtime_ns <= _MAX_OFFSET:
+        raise bad(f"mtime {entry.mtime_ns} is out of range")
+    if not 0 <= entry.size <= _MAX_OFFSET:
+        raise bad(f"size {entry.size} is out of range")
+    if not 0 <= entry.rdev <= _MAX_DEV:
+        raise bad(f"device number {entry.rdev} is out of range")
+    for x in entry.extents:
+        if min(x.file_offset, x.chunk_index, x.chunk_offset, x.length) < 0 or (
+            x.file_offset + x.length > entry.size
+        ):
+            raise bad("an extent lies outside the file")
+    if entry.target is not None and (
+        len(entry.target) >= _PATH_MAX or b"\x00" in entry.target or not entry.target
+    ):
+        raise bad("the link target is empty, too long or holds a NUL byte")
     return parts
 
 
@@ -646,7 +697,7 @@ def run_restore(
                 continue
             r.dirs.trim()
             try:
-                parts = check_path(entry.path)
+                parts = check_entry(entry)
             except UnsafePath as exc:
                 r.fail(entry.path, str(exc))
                 continue

@@ -1295,6 +1295,47 @@ def test_crafted_job_restored_through_cryo_server_stays_in_the_target(
     hostile.check_healthy()
 
 
+def _out_of_range_entries() -> list[ManifestEntry]:
+    """Entries whose fields no file system can hold; each alone must be refused."""
+
+    def f(name: bytes, **changes: Any) -> ManifestEntry:
+        e = _f(name)
+        for k, v in changes.items():
+            setattr(e, k, v)
+        return e
+
+    return [
+        f(b"n" * 256),
+        f(b"dir/" + b"n" * 300),
+        f(b"negative-size", size=-1, extents=[]),
+        f(b"huge-size", size=2**64, extents=[]),
+        f(b"extent-past-end", extents=[Extent(10, "data/x", 0, 0, len(PAYLOAD))]),
+        f(b"negative-offset", extents=[Extent(-5, "data/x", 0, 0, len(PAYLOAD))]),
+        f(b"huge-owner", uid=2**40),
+        f(b"negative-owner", gid=-3),
+        f(b"huge-mtime", mtime_ns=2**70),
+        f(b"huge-mode", mode=2**40),
+        f(b"unknown-kind", kind="z"),
+        ManifestEntry(path=b"huge-device", kind="c", mode=0o600, rdev=2**70),
+        ManifestEntry(path=b"long-link", kind="l", target=b"t" * 5000),
+    ]
+
+
+def test_entries_out_of_range_are_refused_by_name(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "repo")
+    bad = _out_of_range_entries()
+    job = _crafted_job(backend, [_f(b"before"), *bad, _f(b"after")], PAYLOAD)
+    target = tmp_path / "target"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(target)))
+    refused = {f.path for f in summary.failures}
+    assert refused == {e.path.decode() for e in bad}
+    assert all("refusing" in f.message for f in summary.failures)
+    # One bad entry costs only itself: the files around it are restored.
+    assert (target / "before").read_bytes() == PAYLOAD
+    assert (target / "after").read_bytes() == PAYLOAD
+    assert sorted(p.name for p in target.iterdir()) == ["after", "before"]
+
+
 def test_restoring_hard_links_again_leaves_no_temporary_file(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
