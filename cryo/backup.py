@@ -16,7 +16,8 @@ Algorithm
    not with files. Larger files are cut into ``chunk_size`` slices that
    become the indexed chunks of the file's own object (PutObject when one
    chunk suffices). Sparse files are read region by region (SEEK_DATA), so
-   holes are neither read nor stored.
+   holes are neither read nor stored; a small file with holes is therefore
+   not packed, so that its holes are holes again when it is restored.
 4. Each chunk is **encoded** (zstd when it pays, see :mod:`cryo.encoding`)
    and hashed (SHA-256, the API checksum) by ``cpu_workers`` threads, then
    **uploaded** by ``connections`` threads with PutChunk. The last chunk of
@@ -525,6 +526,14 @@ def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
     return regions
 
 
+def _has_holes(fd: int, st: os.stat_result) -> bool:
+    """Whether a file has holes: fewer blocks than bytes, and SEEK_DATA finds a gap.
+
+    Compressed or inline data also takes fewer blocks than bytes; only a real gap counts.
+    """
+    return st.st_blocks * 512 < st.st_size and _data_regions(fd, st.st_size) != [(0, st.st_size)]
+
+
 class _Chunker:
     """A file's slices, in file order, as the chunks of its own object.
 
@@ -612,7 +621,7 @@ class _FileReader:
         try:
             before = _io(os.fstat, fd)
             h = xxhash.xxh3_128()
-            if before.st_size < opts.pack_threshold:
+            if before.st_size < opts.pack_threshold and not _has_holes(fd, before):
                 data = _io(os.pread, fd, opts.pack_threshold, 0)
                 h.update(data)
                 run.read_bytes(len(data))
