@@ -390,16 +390,18 @@ class _Restore:
                 else:
                     os.chown(temp, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         if not is_link:
-            if fd is not None:
-                os.fchmod(fd, entry.mode)
-            else:
-                os.chmod(temp, entry.mode, dir_fd=dir_fd)
+            # Extended attributes before the mode: a read-only file takes none from an
+            # unprivileged process.
             for k, v in entry.xattrs.items():
                 with contextlib.suppress(OSError):
                     if fd is not None:
                         os.setxattr(fd, k, v)
                     else:
                         os.setxattr(_proc_path(dir_fd, temp), k, v, follow_symlinks=False)
+            if fd is not None:
+                os.fchmod(fd, entry.mode)
+            else:
+                os.chmod(temp, entry.mode, dir_fd=dir_fd)
         times = (entry.mtime_ns, entry.mtime_ns)
         if fd is not None:
             os.utime(fd, ns=times)
@@ -553,10 +555,10 @@ class _Restore:
                 uid, gid = _owner_ids(entry)
                 with contextlib.suppress(OSError):
                     os.fchown(fd, uid, gid)
-            os.fchmod(fd, entry.mode)
-            for k, v in entry.xattrs.items():
+            for k, v in entry.xattrs.items():  # before the mode, as for files
                 with contextlib.suppress(OSError):
                     os.setxattr(fd, k, v)
+            os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
             with self._lock:
                 self.entries += 1
