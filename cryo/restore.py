@@ -153,10 +153,13 @@ def check_entry(entry: ManifestEntry) -> list[bytes]:
             x.file_offset + x.length > entry.size
         ):
             raise bad("an extent lies outside the file")
-    if entry.target is not None and (
-        len(entry.target) >= _PATH_MAX or b"\x00" in entry.target or not entry.target
+    if entry.kind == "l" and (
+        entry.target is None
+        or not entry.target
+        or len(entry.target) >= _PATH_MAX
+        or b"\x00" in entry.target
     ):
-        raise bad("the link target is empty, too long or holds a NUL byte")
+        raise bad("the symlink's target is missing, empty, too long or holds a NUL byte")
     return parts
 
 
