@@ -432,7 +432,15 @@ class _Restore:
             temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
             dir_fd=dir_fd,
         )  # fmt: skip
-        os.ftruncate(fd, entry.size)
+        try:
+            os.ftruncate(fd, entry.size)
+        except OSError as exc:
+            os.close(fd)
+            os.unlink(temp, dir_fd=dir_fd)
+            if exc.errno not in (errno.EFBIG, errno.EINVAL):
+                raise
+            self.fail(entry.path, f"not restored: {exc.strerror} ({entry.size} bytes)")
+            return None
         return _Pending(entry, parts, os.dup(dir_fd), temp, fd)
 
     def finish_file(self, p: _Pending) -> None:
@@ -524,13 +532,19 @@ class _Restore:
                     os.close(p.dir_fd)
 
     def link(self, parts: list[bytes], entry: ManifestEntry) -> None:
-        assert entry.target is not None
+        if entry.target is None:
+            self.fail(entry.path, "not restored: the hard link names no target")
+            return
         try:
             target_parts = check_path(entry.target)
         except UnsafePath as exc:
             self.fail(entry.path, str(exc))
             return
-        src_dir = self.dirs.open(target_parts[:-1], create=False)
+        try:
+            src_dir = self.dirs.open(target_parts[:-1], create=False)
+        except FileNotFoundError:  # e.g. left out by --include / --exclude
+            self.fail(entry.path, "not restored: its hard link target was not restored")
+            return
         dir_fd = self.dirs.open(parts[:-1], create=True)
         if self._keep_existing(dir_fd, parts[-1], entry):
             self.skipped += 1
@@ -542,7 +556,10 @@ class _Restore:
                 follow_symlinks=False,
             )  # fmt: skip
         except FileNotFoundError:
-            self.fail(entry.path, "hard link target was not restored")
+            self.fail(entry.path, "not restored: its hard link target was not restored")
+            return
+        except OSError as exc:  # e.g. the target is a directory
+            self.fail(entry.path, f"not restored: cannot link to its target: {exc.strerror}")
             return
         os.rename(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         # rename() does nothing when both names are links to one inode (an earlier restore's).
@@ -681,10 +698,14 @@ def run_restore(
             "if-changed or always"
         )
     r = _Restore(backend, job_id, options, on_event)
-    if not options.includes and not options.excludes:
-        job = r.backend.describe_job(job_id)
-        r.files_total = int_attribute(job, "files")
-        r.bytes_total = int_attribute(job, "source_bytes")
+    try:
+        if not options.includes and not options.excludes:
+            job = r.backend.describe_job(job_id)
+            r.files_total = int_attribute(job, "files")
+            r.bytes_total = int_attribute(job, "source_bytes")
+    except BaseException:
+        r.close()
+        raise
     stop = threading.Event()
 
     def tick() -> None:
