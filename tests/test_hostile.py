@@ -48,12 +48,12 @@ import pytest
 import xxhash
 
 from cryo.checksums import chunk_checksum, summary_checksum
-from cryo.encoding import encode
-from cryo.manifest import MANIFEST_OBJECT, Extent, ManifestEntry, footer, header
+from cryo.manifest import Extent, ManifestEntry
 from cryo.model import DATA_PATH
 from cryo.restore import RestoreOptions, run_restore
 from cryo.storage.local import LocalBackend
 
+from .inotify import IN_ISDIR, Opened
 from .server_helpers import (
     REGION,
     Response,
@@ -65,7 +65,7 @@ from .server_helpers import (
     send,
     signed_headers,
 )
-from .storage_helpers import put_small
+from .storage_helpers import crafted_job, put_small
 from .test_backup import CLI, KiB, MiB, without_read_override, xattrs_supported
 
 GiB = 1024 * MiB
@@ -665,8 +665,6 @@ def test_requests_that_stop_half_way_hold_up_no_one(hostile: Hostile) -> None:
 
 # -- backups: unreadable, changing and strange trees -------------------------------------
 
-IN_OPEN = 0x20
-IN_ISDIR = 0x40000000
 FAN_CLOEXEC, FAN_NONBLOCK, FAN_CLASS_CONTENT = 0x1, 0x2, 0x4
 FAN_MARK_ADD, FAN_OPEN_PERM, FAN_ALLOW = 0x1, 0x10000, 0x1
 AT_FDCWD = -100
@@ -679,37 +677,6 @@ def _libc() -> ctypes.CDLL:
         ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p,
     ]  # fmt: skip
     return libc
-
-
-class Opened:
-    """Names opened in some directories, as inotify reports them (IN_OPEN)."""
-
-    def __init__(self, *dirs: Path) -> None:
-        self.libc = _libc()
-        self.fd = self.libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
-        assert self.fd >= 0
-        self.dirs: dict[int, Path] = {}
-        for d in dirs:
-            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(d), IN_OPEN)
-            assert wd >= 0, ctypes.get_errno()
-            self.dirs[wd] = d
-
-    def events(self, timeout: float = 0.0) -> list[tuple[Path, bytes, int]]:
-        """(watched directory, name or b"" for the directory itself, mask) of new events."""
-        out = []
-        while select.select([self.fd], [], [], timeout)[0]:
-            buf = os.read(self.fd, 1 << 16)
-            pos = 0
-            while pos < len(buf):
-                wd, mask, _, size = struct.unpack_from("iIII", buf, pos)
-                name = buf[pos + 16 : pos + 16 + size].rstrip(b"\0")
-                pos += 16 + size
-                out.append((self.dirs[wd], name, mask))
-            timeout = 0
-        return out
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class OpenGate:
@@ -1132,23 +1099,6 @@ def test_a_million_empty_files(tmp_path: Path) -> None:
 # -- restores of crafted jobs ------------------------------------------------------------
 
 
-def _crafted_job(backend: Any, entries: list[ManifestEntry], data: bytes) -> str:
-    """A complete job whose manifest says whatever the test wants, written through the API."""
-    job = backend.create_job().job_id
-    stored = encode(data, None)
-    backend.put_object(job, "data/x", stored, len(stored), chunk_checksum(stored))
-    lines = [header(job=job, host="evil", paths=["/"], chunk_size=MiB, created="now")]
-    lines += [e.to_json() for e in entries]
-    lines.append(footer(len(entries)))
-    manifest = encode(("\n".join(lines) + "\n").encode(), 3)
-    upload_id = backend.start_object(job, MANIFEST_OBJECT)
-    c = chunk_checksum(manifest)
-    backend.put_chunk(job, upload_id, 0, manifest, len(manifest), c)
-    backend.notify_object_complete(job, upload_id, summary_checksum([c]))
-    backend.complete_job(job)
-    return str(job)
-
-
 PAYLOAD = b"written by a crafted job"
 
 
@@ -1257,7 +1207,7 @@ def test_crafted_job_restored_in_process_stays_in_the_target(tmp_path: Path) -> 
     parent, outside, target = _hostile_case(tmp_path)
     backend = LocalBackend(tmp_path / "repo")
     entries, must_refuse = _hostile_entries(outside)
-    job = _crafted_job(backend, entries, PAYLOAD)
+    job = crafted_job(backend, entries, PAYLOAD)
     target.mkdir()
     before = _tree_state(parent)
     for overwrite in (None, "always", "if-changed"):
@@ -1275,7 +1225,7 @@ def test_crafted_job_restored_through_cryo_server_stays_in_the_target(
     key = hostile.server.new_key()
     backend = hostile.server.client(key)
     entries, must_refuse = _hostile_entries(outside)
-    job = _crafted_job(backend, entries, PAYLOAD)
+    job = crafted_job(backend, entries, PAYLOAD)
     backend.close()
     # The target already holds a symlink leading out, as a local user could plant.
     target.mkdir()
@@ -1324,7 +1274,7 @@ def _out_of_range_entries() -> list[ManifestEntry]:
 def test_entries_out_of_range_are_refused_by_name(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path / "repo")
     bad = _out_of_range_entries()
-    job = _crafted_job(backend, [_f(b"before"), *bad, _f(b"after")], PAYLOAD)
+    job = crafted_job(backend, [_f(b"before"), *bad, _f(b"after")], PAYLOAD)
     target = tmp_path / "target"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(target)))
     refused = {f.path for f in summary.failures}
@@ -1334,6 +1284,50 @@ def test_entries_out_of_range_are_refused_by_name(tmp_path: Path) -> None:
     assert (target / "before").read_bytes() == PAYLOAD
     assert (target / "after").read_bytes() == PAYLOAD
     assert sorted(p.name for p in target.iterdir()) == ["after", "before"]
+
+
+def test_an_entry_the_target_cannot_hold_costs_only_itself(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "repo")
+    huge = _f(b"one-pebibyte")
+    huge.size, huge.extents = 2**50, []  # past ext4's and most file systems' largest file
+    entries = [
+        _f(b"before"), huge, _d(b"dir"), _h(b"link-to-a-directory", b"dir"),
+        _h(b"link-to-nothing", b"missing/file"), ManifestEntry(path=b"no-target", kind="h"),
+        _f(b"after"),
+    ]  # fmt: skip
+    job = crafted_job(backend, entries, PAYLOAD)
+    target = tmp_path / "target"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(target)))
+    assert {f.path for f in summary.failures} == {
+        "one-pebibyte", "link-to-a-directory", "link-to-nothing", "no-target",
+    }  # fmt: skip
+    assert not (target / "one-pebibyte").exists()
+    assert (target / "before").read_bytes() == PAYLOAD
+    assert (target / "after").read_bytes() == PAYLOAD
+    assert (target / "dir").is_dir()
+    assert [p for p in target.rglob(".cryo-*")] == []
+
+
+def test_a_hard_link_whose_target_is_left_out_is_named(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "b").mkdir()
+    (src / "a" / "x").write_bytes(b"shared")
+    os.link(src / "a" / "x", src / "b" / "y")
+    (src / "b" / "z").write_bytes(b"alone")
+    repo = str(tmp_path / "repo")
+    code, out, err = cli("backup", "-q", "--repo", repo, str(src))
+    assert code == 0, err
+    dest = tmp_path / "out"
+    code, out, err = cli(
+        "restore", out.strip(), "--repo", repo, "--to", str(dest), "--include", "b"
+    )
+    assert code == 1
+    assert "b/y" in err and "hard link target was not restored" in err
+    assert "internal error" not in err and "Traceback" not in err
+    inside = dest / str(src).lstrip("/")
+    assert (inside / "b" / "z").read_bytes() == b"alone"
+    assert not (inside / "a").exists()
 
 
 def test_restoring_hard_links_again_leaves_no_temporary_file(tmp_path: Path) -> None:
