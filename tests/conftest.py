@@ -52,6 +52,17 @@ def cryo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
         server.stop()
 
 
+@pytest.fixture
+def json_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A ``cryo server`` of the test's own with a JSON access log (one line per request)."""
+    (tmp_path / "server").mkdir()
+    server = ServerProcess(tmp_path / "server", "--log-format", "json")
+    try:
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 @pytest.fixture(params=BACKEND_KINDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
     b = MAKERS[request.param](request, tmp_path / "repo")

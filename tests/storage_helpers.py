@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from cryo.checksums import chunk_checksum, summary_checksum
+from cryo.encoding import encode
+from cryo.manifest import MANIFEST_OBJECT, ManifestEntry, footer, header
 from cryo.storage.api import Backend, BackupObject, iter_chunks, iter_objects
 
 
@@ -66,3 +70,23 @@ def read_object(backend: Backend, job_id: str, obj: BackupObject) -> list[bytes]
 
 def contents(backend: Backend, job_id: str) -> dict[str, bytes]:
     return {o.name: b"".join(read_object(backend, job_id, o)) for o in all_objects(backend, job_id)}
+
+
+def crafted_job(backend: Any, entries: list[ManifestEntry], data: bytes) -> str:
+    """A complete job whose manifest says whatever the test wants, written through the API.
+
+    Its one data object, ``data/x``, holds ``data`` in a single chunk.
+    """
+    job = backend.create_job().job_id
+    stored = encode(data, None)
+    backend.put_object(job, "data/x", stored, len(stored), chunk_checksum(stored))
+    lines = [header(job=job, host="evil", paths=["/"], chunk_size=1 << 20, created="now")]
+    lines += [e.to_json() for e in entries]
+    lines.append(footer(len(entries)))
+    manifest = encode(("\n".join(lines) + "\n").encode(), 3)
+    upload_id = backend.start_object(job, MANIFEST_OBJECT)
+    c = chunk_checksum(manifest)
+    backend.put_chunk(job, upload_id, 0, manifest, len(manifest), c)
+    backend.notify_object_complete(job, upload_id, summary_checksum([c]))
+    backend.complete_job(job)
+    return str(job)

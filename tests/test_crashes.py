@@ -55,12 +55,10 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
-
-import pytest
 
 from cryo.server import routes
 from cryo.storage.api import iter_chunks, iter_objects
@@ -397,16 +395,6 @@ def data_chunks_on_server(
         }
     finally:
         client.close()
-
-
-@pytest.fixture
-def json_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    (tmp_path / "server").mkdir()
-    server = ServerProcess(tmp_path / "server", "--log-format", "json")
-    try:
-        yield server
-    finally:
-        assert server.stop() == 0, server.log()
 
 
 def test_client_killed_at_five_points_resumes_without_resending(

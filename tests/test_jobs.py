@@ -6,17 +6,12 @@ PutChunk calls from the access log of a real ``cryo server``.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import os
-import select
 import signal
-import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,11 +21,10 @@ from cryo.jobs import RetentionPolicy, select_forget
 from cryo.storage.api import Job, iter_objects
 from cryo.storage.local import LocalBackend
 
+from .inotify import Opened
 from .server_helpers import REGION, ServerProcess
 
 CLI = [sys.executable, "-m", "cryo"]
-IN_OPEN = 0x20
-IN_ISDIR = 0x40000000
 
 
 def cryo(*args: str, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -46,36 +40,6 @@ def backup_json(*args: str, **kw: object) -> dict[str, object]:
     summary = lines[-1]
     assert summary["type"] == "summary"
     return summary  # type: ignore[no-any-return]
-
-
-class OpenWatch:
-    """The regular files opened under a tree while it is watched (inotify IN_OPEN)."""
-
-    def __init__(self, root: Path) -> None:
-        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self.fd = self.libc.inotify_init1(os.O_NONBLOCK)
-        assert self.fd >= 0
-        self.dirs: dict[int, Path] = {}
-        for d in [root, *(p for p in root.rglob("*") if p.is_dir() and not p.is_symlink())]:
-            wd = self.libc.inotify_add_watch(self.fd, os.fsencode(d), IN_OPEN)
-            assert wd >= 0
-            self.dirs[wd] = d
-
-    def opened(self) -> set[Path]:
-        seen: set[Path] = set()
-        while select.select([self.fd], [], [], 0.2)[0]:
-            buf = os.read(self.fd, 1 << 20)
-            pos = 0
-            while pos < len(buf):
-                wd, mask, _, size = struct.unpack_from("iIII", buf, pos)
-                name = buf[pos + 16 : pos + 16 + size].rstrip(b"\0")
-                pos += 16 + size
-                if not mask & IN_ISDIR and name:
-                    seen.add(self.dirs[wd] / os.fsdecode(name))
-        return seen
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def make_tree(root: Path, files: int = 60) -> None:
@@ -135,10 +99,10 @@ def test_incremental_reads_only_changed_files_and_drops_deleted_ones(
     (src / "docs" / "note009.txt").unlink()
     (src / "other.bin").unlink()
     (src / "docs" / "new.txt").write_text("new\n")
-    watch = OpenWatch(src)
+    watch = Opened.tree(src)
     try:
         second = backup_json(str(src), "--repo", str(repo))
-        opened = watch.opened()
+        opened = watch.opened_files()
     finally:
         watch.close()
 
@@ -167,10 +131,10 @@ def test_incremental_reads_only_changed_files_and_drops_deleted_ones(
 def test_no_change_incremental_reads_nothing(tmp_path: Path, src: Path) -> None:
     repo = tmp_path / "repo"
     backup_json(str(src), "--repo", str(repo))
-    watch = OpenWatch(src)
+    watch = Opened.tree(src)
     try:
         again = backup_json(str(src), "--repo", str(repo))
-        assert watch.opened() == set()
+        assert watch.opened_files() == set()
     finally:
         watch.close()
     assert again["bytes_read"] == 0
@@ -410,16 +374,6 @@ def _log_records(server: ServerProcess, key_id: str) -> list[dict[str, object]]:
             if r.get("key") == key_id and r.get("operation"):
                 out.append(r)
     return out
-
-
-@pytest.fixture
-def json_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    (tmp_path / "server").mkdir()
-    server = ServerProcess(tmp_path / "server", "--log-format", "json")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def test_killed_run_is_resumed_without_resending_committed_chunks(

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 
 from cryo.backup import BackupOptions, run_backup
-from cryo.checksums import chunk_checksum, summary_checksum
-from cryo.encoding import encode
 from cryo.jobreader import JobReader
-from cryo.manifest import MANIFEST_OBJECT, Extent, ManifestEntry, footer, header
+from cryo.manifest import Extent, ManifestEntry
 from cryo.restore import RestoreOptions, run_restore
 from cryo.storage.local import LocalBackend
 
+from .storage_helpers import crafted_job
 from .test_backup import CLI, KiB, MiB, run_cli, small_chunks, tree, xattrs_supported
 
 __all__ = ["tree"]  # the fixture, re-used from the backup tests
@@ -155,23 +154,6 @@ def test_verify_read_data_passes_on_a_clean_job(tmp_path: Path, tree: Path) -> N
     assert r.returncode == 11
 
 
-def _crafted_job(backend: LocalBackend, entries: list[ManifestEntry], data: bytes) -> str:
-    """A job whose manifest says whatever the test wants, written through the API."""
-    job = backend.create_job().job_id
-    stored = encode(data, None)
-    backend.put_object(job, "data/x", stored, len(stored), chunk_checksum(stored))
-    lines = [header(job=job, host="evil", paths=["/"], chunk_size=MiB, created="now")]
-    lines += [e.to_json() for e in entries]
-    lines.append(footer(len(entries)))
-    manifest = encode(("\n".join(lines) + "\n").encode(), 3)
-    upload_id = backend.start_object(job, MANIFEST_OBJECT)
-    c = chunk_checksum(manifest)
-    backend.put_chunk(job, upload_id, 0, manifest, len(manifest), c)
-    backend.notify_object_complete(job, upload_id, summary_checksum([c]))
-    backend.complete_job(job)
-    return job
-
-
 def _file(path: bytes, data: bytes) -> ManifestEntry:
     import xxhash
 
@@ -195,7 +177,7 @@ def test_hostile_paths_are_refused(tmp_path: Path) -> None:
         ManifestEntry(path=b"hl", kind="h", target=b"../../etc/passwd"),
         _file(b"fine", data),
     ]
-    job = _crafted_job(backend, entries, data)
+    job = crafted_job(backend, entries, data)
     out = tmp_path / "target"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
     refused = {f.path for f in summary.failures}
