@@ -154,10 +154,7 @@ def check_entry(entry: ManifestEntry) -> list[bytes]:
         ):
             raise bad("an extent lies outside the file")
     if entry.kind == "l" and (
-        entry.target is None
-        or not entry.target
-        or len(entry.target) >= _PATH_MAX
-        or b"\x00" in entry.target
+        not entry.target or len(entry.target) >= _PATH_MAX or b"\x00" in entry.target
     ):
         raise bad("the symlink's target is missing, empty, too long or holds a NUL byte")
     return parts
@@ -631,7 +628,7 @@ def _owner_ids(entry: ManifestEntry) -> tuple[int, int]:
     return _id_by_name("u", entry.user, entry.uid), _id_by_name("g", entry.group, entry.gid)
 
 
-_ZEROS = bytes(1024 * 1024)
+_ZEROS = memoryview(bytes(1024 * 1024))
 
 
 def _xxh3_fd(fd: int, size: int) -> str:
