@@ -267,26 +267,37 @@ class _Packer:
 
 
 class _ManifestWriter:
-    """Writes finished entries to the manifest object in scan order."""
+    """Writes finished entries to the manifest object in scan order.
+
+    Entries finish out of order (readers run in parallel); each waits in a
+    reorder buffer until all before it are written. ``reserve`` blocks while
+    ``MAX_PENDING_ENTRIES`` are reserved but not yet written, so the buffer
+    is bounded. An entry that finishes in turn is written at once.
+    """
 
     def __init__(self, run: _Run, head: str) -> None:
         self._run = run
         self._lock = threading.Lock()
-        self._slots = threading.Semaphore(MAX_PENDING_ENTRIES)
+        self._room = threading.Condition(self._lock)
         self._pending: dict[int, tuple[bytes, list[str]] | None] = {}
         self._next = 0
         self._issued = 0
         self._index = 0
         self._buf = bytearray(head.encode("utf-8") + b"\n")
+        self._limit = run.options.chunk_size
         self.count = 0
         self.referenced: set[str] = set()
         self.obj = run.start_object(MANIFEST_OBJECT)
 
     def reserve(self) -> int:
-        while not self._slots.acquire(timeout=0.2):
-            self._run.coordinator.check()
+        # Only the scanning thread reserves: _issued has one writer.
+        if self._issued - self._next >= MAX_PENDING_ENTRIES:
+            with self._room:
+                while self._issued - self._next >= MAX_PENDING_ENTRIES:
+                    self._run.coordinator.check()
+                    self._room.wait(0.2)
         seq = self._issued
-        self._issued += 1
+        self._issued = seq + 1
         return seq
 
     def complete(self, seq: int, entry: ManifestEntry | None) -> None:
@@ -297,23 +308,33 @@ class _ManifestWriter:
 
     def complete_raw(self, seq: int, line: bytes, objects: list[str]) -> None:
         """An entry already encoded (unchanged since the base job)."""
+        with self._lock:
+            if seq == self._next and not self._pending:
+                self._next = seq + 1
+                self._write(line, objects)
+                return
         self._put(seq, (line, objects))
+
+    def _write(self, line: bytes, objects: list[str]) -> None:
+        if objects:
+            self.referenced.update(objects)
+        buf = self._buf
+        buf += line
+        buf += b"\n"
+        self.count += 1
+        if len(buf) >= self._limit:
+            self._flush()
 
     def _put(self, seq: int, item: tuple[bytes, list[str]] | None) -> None:
         with self._lock:
             self._pending[seq] = item
-            while self._next in self._pending:
-                e = self._pending.pop(self._next)
+            pending = self._pending
+            while self._next in pending:
+                e = pending.pop(self._next)
                 self._next += 1
-                self._slots.release()
                 if e is not None:
-                    line, objects = e
-                    self.referenced.update(objects)
-                    self._buf += line
-                    self._buf += b"\n"
-                    self.count += 1
-                    if len(self._buf) >= self._run.options.chunk_size:
-                        self._flush()
+                    self._write(*e)
+            self._room.notify()
 
     def _flush(self) -> None:
         self._run.submit_chunk(self.obj, self._index, bytes(self._buf))
@@ -817,7 +838,7 @@ class _Reuse:
         self._base = base
         self._cur: _Raw | None = None
         self._cur_path = b""
-        self._cur_key: list[bytes] = []
+        self._cur_key: list[bytes] | None = None
         self._resumed = resumed
         self._advance()
 
@@ -832,17 +853,24 @@ class _Reuse:
         if item is None or path is None:
             self._cur, self._base = None, None
             return
-        self._cur, self._cur_path, self._cur_key = item, path, _order_key(path)
+        self._cur, self._cur_path, self._cur_key = item, path, None
 
     def find(self, e: Entry) -> _Raw | ManifestEntry | None:
         """The base line to write again, a resumed entry to reuse, or None."""
-        if self._cur is not None:
+        if self._cur is not None and self._cur_path != e.path:
+            # Out of step (entries added or removed): skip base lines that sort before.
             key = _order_key(e.path)
-            while self._cur is not None and self._cur_key < key:
+            while self._cur is not None:
+                if self._cur_key is None:
+                    self._cur_key = _order_key(self._cur_path)
+                if self._cur_key >= key:
+                    break
                 self._advance()
         cur = self._cur
-        if cur is not None and self._cur_path == e.path and _same_inode_state(cur[1], e):
-            return cur
+        if cur is not None and self._cur_path == e.path:
+            self._advance()  # each base line matches one entry at most
+            if _same_inode_state(cur[1], e):
+                return cur
         if e.kind == KIND_FILE and self._resumed:
             mine = self._resumed.get(path_key(e.path))
             if mine is not None and _unchanged(mine, e):
@@ -1056,14 +1084,20 @@ def run_backup(
             else:
                 # With a base, extended attributes are read only for entries that changed.
                 lazy = reuse is not None and options.scan.xattrs
+                check, reserve, find = run.coordinator.check, manifest.reserve, None
+                if reuse is not None:
+                    find = reuse.find
                 for e in scan(roots, options.scan, run.warn, lazy_xattrs=lazy):
-                    run.coordinator.check()
-                    seq = manifest.reserve()
-                    old = reuse.find(e) if reuse is not None else None
+                    check()
+                    seq = reserve()
+                    old = find(e) if find is not None else None
                     if isinstance(old, tuple):
                         if e.kind == KIND_FILE:
                             run.file_done(e.size, unchanged=True)
-                        manifest.complete_raw(seq, old[0], [d[1] for d in old[1].get("d", ())])
+                        extents = old[1].get("d")
+                        manifest.complete_raw(
+                            seq, old[0], [d[1] for d in extents] if extents else []
+                        )
                         continue
                     if lazy:
                         load_xattrs(e)

@@ -104,20 +104,19 @@ def _group(gid: int) -> str | None:
     return _groups[gid]
 
 
+_KINDS = {
+    stat.S_IFREG: KIND_FILE,
+    stat.S_IFDIR: KIND_DIR,
+    stat.S_IFLNK: KIND_SYMLINK,
+    stat.S_IFIFO: KIND_FIFO,
+    stat.S_IFSOCK: KIND_SOCKET,
+    stat.S_IFCHR: KIND_CHAR,
+    stat.S_IFBLK: KIND_BLOCK,
+}
+
+
 def _kind(mode: int) -> str:
-    if stat.S_ISREG(mode):
-        return KIND_FILE
-    if stat.S_ISDIR(mode):
-        return KIND_DIR
-    if stat.S_ISLNK(mode):
-        return KIND_SYMLINK
-    if stat.S_ISFIFO(mode):
-        return KIND_FIFO
-    if stat.S_ISSOCK(mode):
-        return KIND_SOCKET
-    if stat.S_ISCHR(mode):
-        return KIND_CHAR
-    return KIND_BLOCK
+    return _KINDS.get(stat.S_IFMT(mode), KIND_BLOCK)
 
 
 def _open_dir(path: bytes) -> int:
@@ -236,8 +235,8 @@ def entry_for(source: bytes, st: os.stat_result, xattrs: bool = True) -> Entry:
         ino=st.st_ino,
         dev=st.st_dev,
         ctime_ns=st.st_ctime_ns,
-        user=_user(st.st_uid),
-        group=_group(st.st_gid),
+        user=_users[st.st_uid] if st.st_uid in _users else _user(st.st_uid),
+        group=_groups[st.st_gid] if st.st_gid in _groups else _group(st.st_gid),
     )
     if kind == KIND_SYMLINK:
         e.target = readlink_path(source)
@@ -344,8 +343,8 @@ def _walk(
     warn: Callable[[bytes, str], None],
     hardlinks: dict[tuple[int, int], bytes],
 ) -> Iterator[Entry]:
-    # One frame per directory on the way down: its path and the names still to
-    # visit, last first. Children are stat'ed only when their turn comes.
+    # One frame per directory on the way down: its path with a trailing slash
+    # and the names still to visit, last first. Children are stat'ed only when their turn comes.
     frames: list[tuple[bytes, list[bytes]]] = []
     item: tuple[bytes, os.stat_result] | None = (path, st)
     while True:
@@ -354,8 +353,8 @@ def _walk(
                 frames.pop()
             if not frames:
                 return
-            parent, names = frames[-1]
-            child = os.path.join(parent, names.pop())
+            prefix, names = frames[-1]
+            child = prefix + names.pop()
             try:
                 item = (child, lstat_path(child))
             except FileNotFoundError:
@@ -395,4 +394,4 @@ def _walk(
         if options.excludes:
             names = [n for n in names if not _excluded(os.path.join(path, n), n, options.excludes)]
         names.reverse()
-        frames.append((path, names))
+        frames.append((path if path.endswith(b"/") else path + b"/", names))
