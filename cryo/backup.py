@@ -227,7 +227,9 @@ class _Packer:
     def __init__(self, run: _Run) -> None:
         self._run = run
         self._lock = threading.Lock()
-        self._buf = bytearray()
+        # The current chunk as its files' bytes, joined once when it is full.
+        self._parts: list[bytes] = []
+        self._size = 0
         self._obj: _Object | None = None
         self._index = 0
 
@@ -239,23 +241,25 @@ class _Packer:
             if self._obj is None:
                 self._obj = self._run.new_object()
                 self._index = 0
-            m.extents.append(Extent(0, self._obj.name, self._index, len(self._buf), len(data)))
+            m.extents.append(Extent(0, self._obj.name, self._index, self._size, len(data)))
             self._obj.describe(m)
-            self._buf += data
-            if len(self._buf) >= self._run.options.chunk_size:
+            self._parts.append(data)
+            self._size += len(data)
+            if self._size >= self._run.options.chunk_size:
                 self._flush()
                 if self._index >= self._run.options.pack_chunks:
                     self._seal()
 
     def _flush(self) -> None:
         assert self._obj is not None
-        self._run.submit_chunk(self._obj, self._index, bytes(self._buf))
-        self._buf.clear()
+        self._run.submit_chunk(self._obj, self._index, b"".join(self._parts))
+        self._parts.clear()
+        self._size = 0
         self._index += 1
 
     def _seal(self) -> None:
         assert self._obj is not None
-        if self._buf:
+        if self._parts:
             self._flush()
         self._run.seal(self._obj)
         self._obj = None
@@ -547,12 +551,12 @@ def _data_regions(fd: int, size: int) -> list[tuple[int, int]]:
     return regions
 
 
-def _has_holes(fd: int, st: os.stat_result) -> bool:
+def _has_holes(fd: int, size: int, blocks: int) -> bool:
     """Whether a file has holes: fewer blocks than bytes, and SEEK_DATA finds a gap.
 
     Compressed or inline data also takes fewer blocks than bytes; only a real gap counts.
     """
-    return st.st_blocks * 512 < st.st_size and _data_regions(fd, st.st_size) != [(0, st.st_size)]
+    return blocks * 512 < size and _data_regions(fd, size) != [(0, size)]
 
 
 class _Chunker:
@@ -640,17 +644,17 @@ class _FileReader:
         except OSError:  # O_NOATIME needs ownership; retry without it, failing for real
             fd = _io(open_path, entry.source, flags)
         try:
-            before = _io(os.fstat, fd)
             h = xxhash.xxh3_128()
-            if before.st_size < opts.pack_threshold and not _has_holes(fd, before):
+            if entry.size < opts.pack_threshold and not _has_holes(fd, entry.size, entry.blocks):
+                # A small file is read whole at once; the scan's stat is its "before".
                 data = _io(os.pread, fd, opts.pack_threshold, 0)
                 h.update(data)
                 run.read_bytes(len(data))
-                self._finish(entry, m, len(data), h, before, _io(os.fstat, fd))
+                self._finish(entry, m, len(data), h, None, _io(os.fstat, fd))
                 if data:
                     run.packer.add(data, m)
             else:
-                self._read_large(fd, entry, before, h, m)
+                self._read_large(fd, entry, _io(os.fstat, fd), h, m)
         finally:
             os.close(fd)
         return m
@@ -661,15 +665,21 @@ class _FileReader:
         m: ManifestEntry,
         size: int,
         h: Any,
-        before: os.stat_result,
+        before: os.stat_result | None,
         after: os.stat_result,
     ) -> None:
-        """Complete ``m`` once its bytes are read: size, hash, and whether it changed."""
+        """Complete ``m`` once its bytes are read: size, hash, and whether it changed.
+
+        It changed if the scan's stat, the one taken when it was opened (if
+        any) and the one taken after reading disagree on inode, size or
+        mtime, or if the bytes read are not as many as it has.
+        """
         m.size = size
         m.xxh3 = h.hexdigest()
+        now = (after.st_ino, after.st_size, after.st_mtime_ns)
         changed = (
-            (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns)
-            or (entry.size, entry.mtime_ns) != (after.st_size, after.st_mtime_ns)
+            (entry.ino, entry.size, entry.mtime_ns) != now
+            or (before is not None and (before.st_ino, before.st_size, before.st_mtime_ns) != now)
             or size != after.st_size
         )
         if changed:

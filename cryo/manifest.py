@@ -88,10 +88,18 @@ class ManifestEntry:
         Call it only once the entry is final: later changes are not seen.
         """
         if self._line is None:
-            self._line = self.to_json().encode("utf-8", "surrogateescape")
+            r = self.record()
+            try:
+                self._line = orjson.dumps(r)
+            except TypeError:  # a name that is not UTF-8 (surrogates): the slow path keeps it
+                self._line = _dumps(r).encode("utf-8", "surrogateescape")
         return self._line
 
     def to_json(self) -> str:
+        return _dumps(self.record())
+
+    def record(self) -> dict[str, Any]:
+        """The entry as the JSON object of its manifest line."""
         r: dict[str, Any] = {}
         put_bytes(r, "p", self.path)
         r["t"] = self.kind
@@ -126,7 +134,7 @@ class ManifestEntry:
             r["xx"] = self.xxh3
         if self.warning is not None:
             r["w"] = self.warning
-        return json.dumps(r, separators=(",", ":"), ensure_ascii=False)
+        return r
 
     @classmethod
     def from_json(cls, r: dict[str, Any]) -> ManifestEntry:
@@ -155,6 +163,10 @@ class ManifestEntry:
             xxh3=r.get("xx"),
             warning=r.get("w"),
         )
+
+
+def _dumps(record: dict[str, Any]) -> str:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
 
 
 def header(**fields: Any) -> str:

@@ -68,6 +68,8 @@ class Entry:
     dev: int = 0
     ctime_ns: int = 0
     rdev: int = 0
+    blocks: int = 0
+    """512-byte blocks allocated (fewer than the size says: perhaps sparse)."""
     target: bytes | None = None
     user: str | None = None
     group: str | None = None
@@ -233,6 +235,7 @@ def entry_for(source: bytes, st: os.stat_result, xattrs: bool = True) -> Entry:
         mtime_ns=st.st_mtime_ns,
         size=st.st_size if kind == KIND_FILE else 0,
         ino=st.st_ino,
+        blocks=st.st_blocks,
         dev=st.st_dev,
         ctime_ns=st.st_ctime_ns,
         user=_users[st.st_uid] if st.st_uid in _users else _user(st.st_uid),
