@@ -227,8 +227,9 @@ class _Packer:
     def __init__(self, run: _Run) -> None:
         self._run = run
         self._lock = threading.Lock()
-        # The current chunk as its files' bytes, joined once when it is full.
-        self._parts: list[bytes] = []
+        # The current chunk, filled in place: one buffer for the whole run.
+        opts = run.options
+        self._buf = bytearray(opts.chunk_size + opts.pack_threshold)
         self._size = 0
         self._obj: _Object | None = None
         self._index = 0
@@ -243,23 +244,25 @@ class _Packer:
                 self._index = 0
             m.extents.append(Extent(0, self._obj.name, self._index, self._size, len(data)))
             self._obj.describe(m)
-            self._parts.append(data)
-            self._size += len(data)
-            if self._size >= self._run.options.chunk_size:
+            end = self._size + len(data)
+            self._buf[self._size : end] = data
+            self._size = end
+            if end >= self._run.options.chunk_size:
                 self._flush()
                 if self._index >= self._run.options.pack_chunks:
                     self._seal()
 
     def _flush(self) -> None:
         assert self._obj is not None
-        self._run.submit_chunk(self._obj, self._index, b"".join(self._parts))
-        self._parts.clear()
+        with memoryview(self._buf) as view:
+            chunk = bytes(view[: self._size])
+        self._run.submit_chunk(self._obj, self._index, chunk)
         self._size = 0
         self._index += 1
 
     def _seal(self) -> None:
         assert self._obj is not None
-        if self._parts:
+        if self._size:
             self._flush()
         self._run.seal(self._obj)
         self._obj = None

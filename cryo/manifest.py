@@ -90,7 +90,8 @@ class ManifestEntry:
         if self._line is None:
             r = self.record()
             try:
-                self._line = orjson.dumps(r)
+                # A copy of exact size: orjson's own result keeps its whole buffer.
+                self._line = bytes(memoryview(orjson.dumps(r)))
             except TypeError:  # a name that is not UTF-8 (surrogates): the slow path keeps it
                 self._line = _dumps(r).encode("utf-8", "surrogateescape")
         return self._line
