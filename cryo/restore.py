@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fnmatch
+import itertools
 import os
 import re
 import secrets
@@ -186,6 +187,11 @@ class _Dirs:
         self.root_fd = root_fd
         self._cache: dict[bytes, int] = {}
         self._lock = threading.Lock()
+        self.fresh: set[bytes] = set()
+        """Directories this restore made (or found empty): nothing in them predates it."""
+
+    def is_fresh(self, parts: list[bytes]) -> bool:
+        return b"/".join(parts) in self.fresh
 
     def open(self, parts: list[bytes], create: bool) -> int:
         """fd of the directory ``parts`` (relative to the target)."""
@@ -194,10 +200,17 @@ class _Dirs:
             fd = self._cache.get(key)
             if fd is not None:
                 return fd
-        fd = self.root_fd
+            # Start from the deepest directory on the way that is open already.
+            start, fd = 0, self.root_fd
+            for n in range(len(parts) - 1, 0, -1):
+                cached = self._cache.get(b"/".join(parts[:n]))
+                if cached is not None:
+                    start, fd = n, cached
+                    break
         opened: list[int] = []
         try:
-            for part in parts:
+            for i in range(start, len(parts)):
+                part = parts[i]
                 try:
                     nfd = os.open(
                         part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -208,6 +221,8 @@ class _Dirs:
                         raise
                     with contextlib.suppress(FileExistsError):
                         os.mkdir(part, 0o700, dir_fd=fd)
+                        with self._lock:
+                            self.fresh.add(b"/".join(parts[: i + 1]))
                     nfd = os.open(
                         part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                         dir_fd=fd,
@@ -257,9 +272,12 @@ class _Pending:
     entry: ManifestEntry
     parts: list[bytes]
     dir_fd: int
+    """Borrowed from the directory cache (not closed here)."""
     temp: bytes
     fd: int
     failed: str | None = None
+    digest: str | None = None
+    """xxh3-128 of the content when one piece wrote it all; else it is read back."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -285,6 +303,10 @@ class _Restore:
         os.makedirs(options.target, exist_ok=True)
         self.root_fd = os.open(options.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dirs = _Dirs(self.root_fd)
+        if _target_is_empty(options.target):
+            self.dirs.fresh.add(b"")
+        self._temp_names = itertools.count()
+        self._temp_prefix = _TEMP_PREFIX + secrets.token_hex(4).encode()
 
     def fail(self, path: bytes, message: str) -> None:
         w = FileWarning(path.decode("utf-8", "backslashreplace"), message)
@@ -352,6 +374,8 @@ class _Restore:
             if st is None:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(name, 0o700, dir_fd=dir_fd)
+                    with self._lock:
+                        self.dirs.fresh.add(b"/".join(parts))
             else:
                 _sweep_temporaries(self.dirs.open(parts, create=False))
             self.dirs_meta.append((parts, entry))
@@ -359,7 +383,7 @@ class _Restore:
         if self._keep_existing(dir_fd, name, entry):
             self.skipped += 1
             return
-        temp = _temp_name()
+        temp = self._temp_name()
         if entry.kind == "l":
             assert entry.target is not None
             os.symlink(entry.target, temp, dir_fd=dir_fd)
@@ -407,30 +431,35 @@ class _Restore:
             os.utime(fd, ns=times)
         else:
             os.utime(temp, ns=times, dir_fd=dir_fd, follow_symlinks=False)
-        st = self._existing(dir_fd, name)
-        if st is not None and stat.S_ISDIR(st.st_mode):
+        try:
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except IsADirectoryError:
             os.unlink(temp, dir_fd=dir_fd)
             self.fail(entry.path, "a directory is in the way; not replaced")
             return
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         with self._lock:
             self.entries += 1
 
     # -- files -----------------------------------------------------------------------
+    def _temp_name(self) -> bytes:
+        """A name no other temporary of this restore has (a run's prefix and a counter)."""
+        return b"%s%08x.tmp" % (self._temp_prefix, next(self._temp_names))
+
     def open_file(self, parts: list[bytes], entry: ManifestEntry) -> _Pending | None:
         dir_fd = self.dirs.open(parts[:-1], create=True)
-        if self._keep_existing(dir_fd, parts[-1], entry):
+        if not self.dirs.is_fresh(parts[:-1]) and self._keep_existing(dir_fd, parts[-1], entry):
             with self._lock:
                 self.skipped += 1
                 self.bytes_kept += entry.size
             return None
-        temp = _temp_name()
+        temp = self._temp_name()
         fd = os.open(
             temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
             dir_fd=dir_fd,
         )  # fmt: skip
         try:
-            os.ftruncate(fd, entry.size)
+            if not _written_whole(entry):
+                os.ftruncate(fd, entry.size)  # holes stay holes; a size too large fails here
         except OSError as exc:
             os.close(fd)
             os.unlink(temp, dir_fd=dir_fd)
@@ -438,12 +467,13 @@ class _Restore:
                 raise
             self.fail(entry.path, f"not restored: {exc.strerror} ({entry.size} bytes)")
             return None
-        return _Pending(entry, parts, os.dup(dir_fd), temp, fd)
+        # dir_fd stays open: the cache is trimmed only between batches.
+        return _Pending(entry, parts, dir_fd, temp, fd)
 
     def finish_file(self, p: _Pending) -> None:
         try:
             if p.failed is None:
-                digest = _xxh3_fd(p.fd, p.entry.size)
+                digest = p.digest if p.digest is not None else _xxh3_fd(p.fd, p.entry.size)
                 if digest != p.entry.xxh3:
                     p.failed = "content does not match its xxh3-128 checksum"
             if p.failed is not None:
@@ -460,11 +490,11 @@ class _Restore:
         finally:
             with contextlib.suppress(OSError):
                 os.close(p.fd)
-            with contextlib.suppress(OSError):
-                os.close(p.dir_fd)
 
     def fetch(self, key: tuple[str, int], users: list[tuple[_Pending, int, int, int]]) -> None:
         """Fetch one chunk and write its slices into every file that needs it."""
+        import xxhash
+
         self.coordinator.check()
         name, index = key
         try:
@@ -484,7 +514,13 @@ class _Restore:
                 with p.lock:
                     p.failed = f"chunk {index} of {name!r} is shorter than its extent"
                 continue
-            os.pwrite(p.fd, piece, file_offset)
+            if os.pwrite(p.fd, piece, file_offset) != length:
+                with p.lock:
+                    p.failed = "short write"
+                continue
+            if _written_whole(p.entry):
+                # The whole file in one piece: hash the bytes just written, not a read-back.
+                p.digest = xxhash.xxh3_128_hexdigest(piece)
             written += length
         with self._lock:
             self.bytes_written += written
@@ -525,8 +561,6 @@ class _Restore:
                     os.close(p.fd)
                 with contextlib.suppress(OSError):
                     os.unlink(p.temp, dir_fd=p.dir_fd)
-                with contextlib.suppress(OSError):
-                    os.close(p.dir_fd)
 
     def link(self, parts: list[bytes], entry: ManifestEntry) -> None:
         if entry.target is None:
@@ -546,7 +580,7 @@ class _Restore:
         if self._keep_existing(dir_fd, parts[-1], entry):
             self.skipped += 1
             return
-        temp = _temp_name()
+        temp = self._temp_name()
         try:
             os.link(
                 target_parts[-1], temp, src_dir_fd=src_dir, dst_dir_fd=dir_fd,
@@ -585,8 +619,12 @@ class _Restore:
         os.close(self.root_fd)
 
 
-def _temp_name() -> bytes:
-    return _TEMP_PREFIX + secrets.token_hex(8).encode() + b".tmp"
+def _written_whole(entry: ManifestEntry) -> bool:
+    """Whether one write of one extent makes the whole file (or it is empty)."""
+    extents = entry.extents
+    if not extents:
+        return entry.size == 0
+    return len(extents) == 1 and extents[0].file_offset == 0 and extents[0].length == entry.size
 
 
 def _sweep_temporaries(dir_fd: int) -> None:
