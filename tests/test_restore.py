@@ -251,3 +251,23 @@ def test_overwrite_policies(tmp_path: Path, policy: str) -> None:
     run_restore(backend, job, RestoreOptions(target=os.fsencode(out), overwrite=policy))
     expected = "local edit" if policy == "never" else "from the backup"
     assert target.read_text() == expected
+
+
+def test_a_directory_in_the_way_is_named_and_kept(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("from the backup")
+    (src / "g").write_text("beside it")
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    out = tmp_path / "out"
+    restored = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    (restored / "f").mkdir(parents=True)
+    (restored / "f" / "mine").write_text("local")
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out), overwrite="always"))
+    assert [(w.path.endswith("/f"), w.message) for w in summary.failures] == [
+        (True, "a directory is in the way; not replaced")
+    ]
+    assert (restored / "f" / "mine").read_text() == "local"
+    assert (restored / "g").read_text() == "beside it"
+    assert not [p for p in restored.iterdir() if p.name.startswith(".cryo-restore-")]
