@@ -227,9 +227,9 @@ class _Packer:
     def __init__(self, run: _Run) -> None:
         self._run = run
         self._lock = threading.Lock()
-        # The current chunk, filled in place: one buffer for the whole run.
-        opts = run.options
-        self._buf = bytearray(opts.chunk_size + opts.pack_threshold)
+        # The current chunk, filled in place: one buffer for the whole run, made
+        # when the first small file comes (an incremental may have none).
+        self._buf = bytearray()
         self._size = 0
         self._obj: _Object | None = None
         self._index = 0
@@ -244,6 +244,9 @@ class _Packer:
                 self._index = 0
             m.extents.append(Extent(0, self._obj.name, self._index, self._size, len(data)))
             self._obj.describe(m)
+            if not self._buf:
+                opts = self._run.options
+                self._buf = bytearray(opts.chunk_size + opts.pack_threshold)
             end = self._size + len(data)
             self._buf[self._size : end] = data
             self._size = end
