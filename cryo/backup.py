@@ -1100,9 +1100,8 @@ def run_backup(
             else:
                 # With a base, extended attributes are read only for entries that changed.
                 lazy = reuse is not None and options.scan.xattrs
-                check, reserve, find = run.coordinator.check, manifest.reserve, None
-                if reuse is not None:
-                    find = reuse.find
+                check, reserve = run.coordinator.check, manifest.reserve
+                find = reuse.find if reuse is not None else None
                 for e in scan(roots, options.scan, run.warn, lazy_xattrs=lazy):
                     check()
                     seq = reserve()

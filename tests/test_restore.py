@@ -271,3 +271,26 @@ def test_a_directory_in_the_way_is_named_and_kept(tmp_path: Path) -> None:
     assert (restored / "f" / "mine").read_text() == "local"
     assert (restored / "g").read_text() == "beside it"
     assert not [p for p in restored.iterdir() if p.name.startswith(".cryo-restore-")]
+
+
+def test_content_that_does_not_match_its_xxh3_is_never_restored(tmp_path: Path) -> None:
+    # The chunk is sound (its SHA-256 matches); the manifest's file checksum is not.
+    # One file is written in one piece (hashed as written), one in two (read back).
+    backend = LocalBackend(tmp_path / "repo")
+    data = b"0123456789abcdef" * 64
+    half = len(data) // 2
+    whole = _file(b"whole", data)
+    whole.xxh3 = "0" * 32
+    pieces = _file(b"pieces", data)
+    pieces.extents = [Extent(0, "data/x", 0, 0, half), Extent(half, "data/x", 0, half, half)]
+    pieces.xxh3 = "1" * 32
+    good = _file(b"good", data)
+    job = crafted_job(backend, [whole, pieces, good], data)
+    out = tmp_path / "target"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert sorted((f.path, f.message) for f in summary.failures) == [
+        (name, "not restored: content does not match its xxh3-128 checksum")
+        for name in ("pieces", "whole")
+    ]
+    assert sorted(p.name for p in out.iterdir()) == ["good"]
+    assert (out / "good").read_bytes() == data
