@@ -353,8 +353,27 @@ class _Engine:
         # SQLite's own busy handler sleeps and polls (1, 2, 5... ms), which
         # leaves the lock idle while writers sleep.
         self._write_turn = threading.Lock()
-        with self.damage_reported():
+        # Uses in progress: close() waits for them, since closing a connection
+        # another thread is stepping frees memory under it.
+        self._uses = threading.Condition()
+        self._in_use = 0
+        self._closed = False
+        with self._used(), self.damage_reported():
             self.conn().executescript(SCHEMA)
+
+    @contextlib.contextmanager
+    def _used(self) -> Iterator[None]:
+        with self._uses:
+            if self._closed:
+                raise RepositoryError(f"the repository {self.db_path.parent} is closed")
+            self._in_use += 1
+        try:
+            yield
+        finally:
+            with self._uses:
+                self._in_use -= 1
+                if not self._in_use:
+                    self._uses.notify_all()
 
     @contextlib.contextmanager
     def damage_reported(self) -> Iterator[None]:
@@ -384,7 +403,7 @@ class _Engine:
     @contextlib.contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A write transaction holding the catalog's lock."""
-        with self._write_turn, self.damage_reported():
+        with self._used(), self._write_turn, self.damage_reported():
             conn = self.conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -397,7 +416,7 @@ class _Engine:
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: one consistent snapshot of the catalog."""
-        with self.damage_reported():
+        with self._used(), self.damage_reported():
             conn = self.conn()
             conn.execute("BEGIN")
             try:
@@ -405,7 +424,16 @@ class _Engine:
             finally:
                 conn.execute("COMMIT")
 
-    def close(self) -> None:
+    def close(self, wait: float = 60.0) -> None:
+        """Close every thread's connection once the uses in progress end.
+
+        Later uses raise RepositoryError. A connection still in use after
+        ``wait`` seconds is left to its thread rather than freed under it.
+        """
+        with self._uses:
+            self._closed = True
+            if not self._uses.wait_for(lambda: not self._in_use, timeout=wait):
+                return
         with self._all_lock:
             for conn in self._all:
                 with contextlib.suppress(sqlite3.Error):
@@ -588,8 +616,8 @@ class LocalBackend:
     def _process_trash(self) -> None:
         """Delete the files of trashed chunks that nothing took back."""
         store = self._engine.store
-        with self._engine.damage_reported():
-            if self._engine.conn().execute("SELECT 1 FROM trash LIMIT 1").fetchone() is None:
+        with self._engine.read() as conn:
+            if conn.execute("SELECT 1 FROM trash LIMIT 1").fetchone() is None:
                 return
         with self._engine.write() as conn:
             for (sha,) in conn.execute("SELECT sha FROM trash").fetchall():
