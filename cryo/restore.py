@@ -60,6 +60,7 @@ from cryo.retry import RetryingBackend, RetryPolicy
 
 OVERWRITE_POLICIES = ("never", "if-changed", "always")
 _TEMP_PREFIX = b".cryo-restore-"
+_TEMP_PREFIX_STR = _TEMP_PREFIX.decode()
 _TEMP_RE = re.compile(rb"^\.cryo-restore-[0-9a-f]{16}\.tmp$")
 
 
@@ -251,6 +252,10 @@ class _Dirs:
             if opened:
                 self._cache[key] = fd
         return fd
+
+    def cached(self) -> list[int]:
+        with self._lock:
+            return list(self._cache.values())
 
     def trim(self, keep: int = 256) -> None:
         """Close cached descriptors beyond ``keep``; call only between operations."""
@@ -614,6 +619,22 @@ class _Restore:
             with self._lock:
                 self.entries += 1
 
+    def remove_own_temporaries(self) -> None:
+        """Unlink this run's temporaries: an interrupted run leaves none behind.
+
+        A temporary lives only in a directory that is open at that moment (the
+        cache is trimmed between entries, never while a batch is in flight).
+        """
+        fds = [self.root_fd, *self.dirs.cached()]
+        prefix = self._temp_prefix
+        for fd in fds:
+            with os.scandir(fd) as it:
+                names = [os.fsencode(d.name) for d in it if d.name.startswith(_TEMP_PREFIX_STR)]
+            for name in names:
+                if name.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=fd)
+
     def close(self) -> None:
         self.dirs.close()
         os.close(self.root_fd)
@@ -783,6 +804,9 @@ def run_restore(
             except UnsafePath as exc:
                 r.fail(entry.path, str(exc))
         r.finish_dirs()
+    except BaseException:
+        r.remove_own_temporaries()
+        raise
     finally:
         stop.set()
         ticker.join()

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -117,11 +118,20 @@ def test_exit_codes_name_their_cause(tmp_path: Path) -> None:
     no_ansi(usage, not_found, fatal)
 
 
-def _wait_for(path: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.01)
+def _terminate_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> None:
+    """Send SIGTERM as soon as ``ready()``, while the command is surely still running.
+
+    The process is stopped first, so it cannot finish between the check and
+    the signal; the signal is delivered the moment it continues.
+    """
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert proc.poll() is None, "the command ended before it could be interrupted"
+        assert time.monotonic() < deadline, "the command never got under way"
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGSTOP)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
 
 
 def test_sigterm_stops_a_backup_with_130_and_the_next_run_resumes(tmp_path: Path) -> None:
@@ -134,10 +144,10 @@ def test_sigterm_stops_a_backup_with_130_and_the_next_run_resumes(tmp_path: Path
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, **env},
     )  # fmt: skip
     pending = tmp_path / "state" / "cryo" / "pending"
-    _wait_for(pending)
-    time.sleep(0.5)
+    chunks = Path(repo) / "chunks"
+    # Some 1 MiB chunks are stored (so some files are complete), far from all 160.
+    _terminate_when(proc, lambda: sum(1 for c in chunks.glob("*/*") if c.is_file()) > 16)
     sent = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 10
     assert proc.returncode == 130, err
@@ -165,11 +175,11 @@ def test_sigterm_stops_a_restore_and_leaves_no_temporary_file(tmp_path: Path) ->
         [*CLI, "restore", job, "--repo", repo, "--to", str(target), "--connections", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    _wait_for(target / str(src).lstrip("/"))
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
+    restored = target / str(src).lstrip("/")
+    _terminate_when(proc, lambda: restored.is_dir() and any(restored.glob(".cryo-restore-*")))
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    assert len(list(restored.glob("data*.bin"))) < 30  # it was stopped part way
     leftovers = [p for p in target.rglob("*") if p.name.startswith(".cryo-restore-")]
     assert leftovers == []
 
