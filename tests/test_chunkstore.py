@@ -1,0 +1,69 @@
+"""The file chunk store keeps every byte of every chunk, whatever its length or pieces."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from cryo.storage.chunkstore import FileChunkStore
+
+MiB = 1024 * 1024
+LENGTHS = [0, 1, 511, 4095, 4096, 4097, MiB - 1, MiB, MiB + 1, 3 * MiB + 5, 4 * MiB]
+
+
+def _store_in_pieces(store: FileChunkStore, data: bytes, rng: random.Random) -> str:
+    key = hashlib.sha256(data).hexdigest()
+    w = store.writer()
+    at = 0
+    while at < len(data):
+        n = rng.choice([1, 100, 4096, 70_000, MiB, 2 * MiB + 3])
+        w.write(memoryview(data)[at : at + n])
+        at += n
+    w.commit(key)
+    return key
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_chunks_of_every_length_read_back_exactly(tmp_path: Path, direct: bool) -> None:
+    store = FileChunkStore(tmp_path, direct=direct)
+    rng = random.Random(len(LENGTHS))
+    for length in LENGTHS:
+        data = rng.randbytes(length)
+        key = _store_in_pieces(store, data, rng)
+        assert store.get(key) == data
+        assert store.path_of(key).stat().st_size == length  # no padding left behind
+        store.put(key + "-whole", data)  # the one-call path
+        assert store.get(key + "-whole") == data
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_file_system_without_direct_io_gets_ordinary_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = os.open
+
+    def refusing_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    store = FileChunkStore(tmp_path)
+    data = random.Random(1).randbytes(3 * MiB + 5)
+    key = _store_in_pieces(store, data, random.Random(2))
+    assert store.get(key) == data
+    assert store.direct is False  # not tried again for every chunk
+
+
+def test_aborted_writer_leaves_nothing(tmp_path: Path) -> None:
+    store = FileChunkStore(tmp_path)
+    w = store.writer()
+    w.write(b"x" * (MiB + 3))
+    w.abort()
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert list(store.keys()) == []
