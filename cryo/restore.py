@@ -60,7 +60,6 @@ from cryo.retry import RetryingBackend, RetryPolicy
 
 OVERWRITE_POLICIES = ("never", "if-changed", "always")
 _TEMP_PREFIX = b".cryo-restore-"
-_TEMP_PREFIX_STR = _TEMP_PREFIX.decode()
 _TEMP_RE = re.compile(rb"^\.cryo-restore-[0-9a-f]{16}\.tmp$")
 
 
@@ -625,15 +624,13 @@ class _Restore:
         A temporary lives only in a directory that is open at that moment (the
         cache is trimmed between entries, never while a batch is in flight).
         """
-        fds = [self.root_fd, *self.dirs.cached()]
-        prefix = self._temp_prefix
-        for fd in fds:
+        prefix = os.fsdecode(self._temp_prefix)
+        for fd in [self.root_fd, *self.dirs.cached()]:
             with os.scandir(fd) as it:
-                names = [os.fsencode(d.name) for d in it if d.name.startswith(_TEMP_PREFIX_STR)]
+                names = [d.name for d in it if d.name.startswith(prefix)]
             for name in names:
-                if name.startswith(prefix):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=fd)
 
     def close(self) -> None:
         self.dirs.close()

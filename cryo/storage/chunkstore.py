@@ -8,8 +8,8 @@ reader ever sees a partial chunk under its key.
 ``FileChunkStore`` keeps one file per chunk, ``chunks/ab/<sha256>``. A write
 goes to a temporary file under ``tmp/`` (named after the writing process),
 with direct I/O where the file system allows it, is fsynced, renamed into
-place, and the directory is fsynced. Temporary files
-left by processes that died are removed when the store is opened.
+place, and the directory is fsynced. Temporary files left by processes that
+died are removed when the store is opened.
 
 An object-store implementation (S3 and compatible) satisfies the same
 protocol, so a server can keep its chunks off its own disk.
@@ -158,14 +158,12 @@ class _FileWriter:
         if self._fd is None:
             return
         try:
-            if self._fill:
+            if self._fill:  # only direct writes stage bytes: pad the last block, then cut it
                 padded = -(-self._fill // _ALIGN) * _ALIGN
                 assert self._buf is not None
                 self._buf[self._fill : padded] = bytes(padded - self._fill)
-                was_direct = self._direct
-                self._flush(padded if was_direct else self._fill)
-                if was_direct:
-                    os.ftruncate(self._fd, self._length)
+                self._flush(padded)
+                os.ftruncate(self._fd, self._length)
             os.fsync(self._fd)
         finally:
             self._release()
