@@ -277,16 +277,19 @@ def test_help_explains_itself() -> None:
         assert word in sub.stdout, word
 
 
-def _peak_rss_mib_of(args: list[str]) -> tuple[int, float]:
+def peak_rss_mib(args: list[str], timeout: float = 600) -> tuple[int, float, float]:
+    """Exit status, peak RSS (MiB) and seconds of a child process (measured by a launcher)."""
     code = (
-        "import resource, subprocess, sys\n"
+        "import resource, subprocess, sys, time\n"
+        "t = time.monotonic()\n"
         "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
-        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)\n"
+        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,"
+        " time.monotonic() - t)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, check=True, timeout=600
+        [sys.executable, "-c", code, *args], capture_output=True, check=True, timeout=timeout
     ).stdout.split()
-    return int(out[0]), float(out[1])
+    return int(out[0]), float(out[1]), float(out[2])
 
 
 def test_memory_stays_bounded_for_a_large_file(tmp_path: Path) -> None:
@@ -295,7 +298,7 @@ def test_memory_stays_bounded_for_a_large_file(tmp_path: Path) -> None:
     with open(big, "wb") as f:
         for i in range(600):
             f.write(block[i:] + block[:i])  # 600 MiB, every chunk distinct
-    code, rss = _peak_rss_mib_of([*CLI, "backup", str(big), "--repo", str(tmp_path / "r"), "-q"])
+    code, rss, _ = peak_rss_mib([*CLI, "backup", str(big), "--repo", str(tmp_path / "r"), "-q"])
     assert code == 0
     assert rss < 300, f"peak RSS {rss:.0f} MiB"
 
@@ -307,7 +310,7 @@ def test_memory_stays_bounded_for_many_files(tmp_path: Path) -> None:
         sub.mkdir(parents=True)
         for i in range(500):
             (sub / f"{i}").write_bytes(b"%d" % i)
-    code, rss = _peak_rss_mib_of([*CLI, "backup", str(src), "--repo", str(tmp_path / "r"), "-q"])
+    code, rss, _ = peak_rss_mib([*CLI, "backup", str(src), "--repo", str(tmp_path / "r"), "-q"])
     assert code == 0
     assert rss < 300, f"peak RSS {rss:.0f} MiB"
 

@@ -35,7 +35,6 @@ import socket
 import stat
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -66,7 +65,7 @@ from .server_helpers import (
     signed_headers,
 )
 from .storage_helpers import crafted_job, put_small
-from .test_backup import CLI, KiB, MiB, without_read_override, xattrs_supported
+from .test_backup import CLI, KiB, MiB, peak_rss_mib, without_read_override, xattrs_supported
 
 GiB = 1024 * MiB
 
@@ -1043,32 +1042,19 @@ def _empty_files(root: Path, count: int) -> None:
         os.close(fd)
 
 
-def _peak_rss_mib(args: list[str]) -> tuple[int, float, float]:
-    """Exit status, peak RSS (MiB) and seconds of a child process (measured by a launcher)."""
-    code = (
-        "import resource, subprocess, sys, time\n"
-        "t = time.monotonic()\n"
-        "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL)\n"
-        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,"
-        " time.monotonic() - t)\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, check=True, timeout=1800
-    ).stdout.split()
-    return int(out[0]), float(out[1]), float(out[2])
-
-
 def _many_empty_files(tmp_path: Path, count: int, growth_mib: float) -> None:
     small = tmp_path / "small"  # enough for the pipeline's buffers to fill, as in the big run
     _empty_files(small, 20_000)
-    code, baseline, _ = _peak_rss_mib([*CLI, "backup", str(small), "--repo", str(tmp_path / "r0")])
+    code, baseline, _ = peak_rss_mib([*CLI, "backup", str(small), "--repo", str(tmp_path / "r0")])
     assert code == 0
     src = tmp_path / "many"
     started = time.monotonic()
     _empty_files(src, count)
     created = time.monotonic() - started
     repo = tmp_path / "repo"
-    code, peak, seconds = _peak_rss_mib([*CLI, "backup", str(src), "--repo", str(repo), "-q"])
+    code, peak, seconds = peak_rss_mib(
+        [*CLI, "backup", str(src), "--repo", str(repo), "-q"], timeout=1800
+    )
     assert code == 0
     print(
         f"{count} empty files: created in {created:.0f} s, backed up in {seconds:.0f} s, "
