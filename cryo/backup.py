@@ -10,6 +10,12 @@ Algorithm
    files go to the **read** stage.
 3. Readers (``read_workers`` threads) read a file and hash it (xxh3-128 over
    its whole logical content, the end-to-end check a restore verifies).
+   A small file whose bytes are all in the page cache is read by the
+   scanner itself (a no-wait read tells): handing each of thousands of tiny
+   files to another thread costs more than reading it, because the threads
+   then fight over the interpreter lock at every system call. Small files
+   that need the disk go to the readers in batches, so a cold tree is still
+   read in parallel.
    Small files (below ``pack_threshold``) are **packed**: their bytes are
    appended to a shared buffer that becomes one chunk of a pack object once
    it reaches ``chunk_size``, so the number of API calls grows with bytes,
@@ -124,6 +130,9 @@ DEFAULT_CHUNK_SIZE = 4 * MiB
 DEFAULT_PACK_THRESHOLD = 1 * MiB
 DEFAULT_PACK_CHUNKS = 16
 MAX_PENDING_ENTRIES = 20_000
+BATCH_FILES = 64
+BATCH_BYTES = 4 * MiB
+BATCH_SPAN = 1024
 MAX_ENTRIES_BLOB = 3 * MiB
 """A pack object is sealed once the entries it describes reach this size."""
 ENTRIES_MARKER = "cryo:entries"
@@ -234,7 +243,7 @@ class _Packer:
         self._obj: _Object | None = None
         self._index = 0
 
-    def add(self, data: bytes, m: ManifestEntry) -> None:
+    def add(self, data: bytes | memoryview, m: ManifestEntry) -> None:
         """Place the whole content of file ``m`` (complete but for its extent) in a pack."""
         with self._lock:
             if self._obj is not None and self._obj.entries_bytes >= MAX_ENTRIES_BLOB:
@@ -621,11 +630,29 @@ def _io(fn: Callable[..., Any], *args: Any) -> Any:
         raise _Unreadable(exc.strerror or str(exc)) from None
 
 
+def _open(entry: Entry) -> int:
+    """Open a regular file for reading, without following a link, without updating its atime."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return open_path(entry.source, flags | getattr(os, "O_NOATIME", 0))
+    except OSError:  # O_NOATIME needs ownership; retry without it, failing for real
+        return int(_io(open_path, entry.source, flags))
+
+
 class _FileReader:
-    """Reads one regular file into chunks (or a pack) and builds its manifest entry."""
+    """Reads one regular file into chunks (or a pack) and builds its manifest entry.
+
+    ``read_cached`` is the scanner's fast path for small files: it reads the
+    file in the scanning thread, but only if all of it is in the page cache
+    (``RWF_NOWAIT``), so a warm tree is read without handing every file to
+    another thread, while files that need the disk still go to the readers
+    in batches and are read in parallel.
+    """
 
     def __init__(self, run: _Run) -> None:
         self.run = run
+        self.nowait = hasattr(os, "RWF_NOWAIT")
+        self._buf = bytearray()
 
     def read(self, seq: int, entry: Entry, manifest: _ManifestWriter) -> None:
         run = self.run
@@ -638,17 +665,66 @@ class _FileReader:
         run.file_done(m.size)
         manifest.complete(seq, m)
 
+    def read_batch(self, batch: list[tuple[int, Entry]], manifest: _ManifestWriter) -> None:
+        for seq, entry in batch:
+            self.run.coordinator.check()
+            self.read(seq, entry, manifest)
+
+    def read_cached(self, seq: int, entry: Entry, manifest: _ManifestWriter) -> bool:
+        """Read a small file now if the page cache holds all of it; False leaves it to ``read``.
+
+        Anything out of the ordinary (an error, a short read, holes, a file
+        that grew) also returns False: the ordinary path handles and reports it.
+        """
+        import xxhash
+
+        if not self.nowait:
+            return False
+        run = self.run
+        try:
+            fd = _open(entry)
+        except _Unreadable:
+            return False
+        try:
+            if _has_holes(fd, entry.size, entry.blocks):
+                return False
+            if not self._buf:
+                self._buf = bytearray(run.options.pack_threshold)
+            try:
+                n = os.preadv(fd, [self._buf], 0, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self.nowait = False  # this kernel or file system cannot say
+                return False
+            if n != entry.size:
+                return False
+            after = os.fstat(fd)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+        with memoryview(self._buf) as view:
+            data = view[:n]
+            m = _manifest_entry(entry)
+            h = xxhash.xxh3_128(data)
+            run.read_bytes(n)
+            self._finish(entry, m, n, h, None, after)
+            if n:
+                run.packer.add(data, m)
+            data.release()
+        run.file_done(n)
+        manifest.complete(seq, m)
+        return True
+
     def _read(self, entry: Entry) -> ManifestEntry:
         import xxhash
 
         run = self.run
         opts = run.options
         m = _manifest_entry(entry)
-        flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-        try:
-            fd = open_path(entry.source, flags | getattr(os, "O_NOATIME", 0))
-        except OSError:  # O_NOATIME needs ownership; retry without it, failing for real
-            fd = _io(open_path, entry.source, flags)
+        fd = _open(entry)
         try:
             h = xxhash.xxh3_128()
             if entry.size < opts.pack_threshold and not _has_holes(fd, entry.size, entry.blocks):
@@ -724,6 +800,37 @@ class _FileReader:
             pos = size_hint
         self._finish(entry, m, pos, h, st, _io(os.fstat, fd))
         chunker.close(m)
+
+
+class _Batch:
+    """Small files the scanner could not read from the page cache, handed to the readers together.
+
+    A batch goes once it holds ``BATCH_FILES`` files or ``BATCH_BYTES``
+    bytes, or once its first file is ``BATCH_SPAN`` entries behind the scan,
+    so the manifest's reorder buffer (far larger) never waits on a batch
+    that was not sent.
+    """
+
+    def __init__(self, run: _Run, reader: _FileReader, manifest: _ManifestWriter) -> None:
+        self._run, self._reader, self._manifest = run, reader, manifest
+        self._items: list[tuple[int, Entry]] = []
+        self._bytes = 0
+
+    def add(self, seq: int, entry: Entry) -> None:
+        items = self._items
+        items.append((seq, entry))
+        self._bytes += entry.size
+        if len(items) >= BATCH_FILES or self._bytes >= BATCH_BYTES:
+            self.flush()
+
+    def due(self, seq: int) -> None:
+        if self._items and seq - self._items[0][0] >= BATCH_SPAN:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._items:
+            items, self._items, self._bytes = self._items, [], 0
+            self._run.readers.submit(self._reader.read_batch, items, self._manifest)
 
 
 def _hash_zeros(h: Any, n: int) -> None:
@@ -1088,6 +1195,7 @@ def run_backup(
             target=run.estimate, args=(roots, stop_ticker), name="estimate", daemon=True
         ).start()
     reader_ = _FileReader(run)
+    batch = _Batch(run, reader_, manifest)
     deleted = 0
     try:
         try:
@@ -1105,6 +1213,7 @@ def run_backup(
                 for e in scan(roots, options.scan, run.warn, lazy_xattrs=lazy):
                     check()
                     seq = reserve()
+                    batch.due(seq)
                     old = find(e) if find is not None else None
                     if isinstance(old, tuple):
                         if e.kind == KIND_FILE:
@@ -1117,7 +1226,10 @@ def run_backup(
                     if lazy:
                         load_xattrs(e)
                     if e.kind == KIND_FILE and old is None:
-                        run.readers.submit(reader_.read, seq, e, manifest)
+                        if e.size >= options.pack_threshold:
+                            run.readers.submit(reader_.read, seq, e, manifest)
+                        elif not reader_.read_cached(seq, e, manifest):
+                            batch.add(seq, e)
                     else:
                         m = _manifest_entry(e)
                         if old is not None:
@@ -1125,6 +1237,7 @@ def run_backup(
                             m.xxh3 = old.xxh3
                             run.file_done(m.size, unchanged=True)
                         manifest.complete(seq, m)
+            batch.flush()
             run.readers.shutdown(wait=True)
             run.coordinator.raise_if_failed()
             run.packer.close()
