@@ -10,12 +10,9 @@ Algorithm
    files go to the **read** stage.
 3. Readers (``read_workers`` threads) read a file and hash it (xxh3-128 over
    its whole logical content, the end-to-end check a restore verifies).
-   A small file whose bytes are all in the page cache is read by the
-   scanner itself (a no-wait read tells): handing each of thousands of tiny
-   files to another thread costs more than reading it, because the threads
-   then fight over the interpreter lock at every system call. Small files
-   that need the disk go to the readers in batches, so a cold tree is still
-   read in parallel.
+   Small files are read by the scanner itself: handing each of thousands
+   of tiny files to another thread costs more than reading it. Those not
+   in the page cache are first read ahead by the kernel (``_SmallFiles``).
    Small files (below ``pack_threshold``) are **packed**: their bytes are
    appended to a shared buffer that becomes one chunk of a pack object once
    it reaches ``chunk_size``, so the number of API calls grows with bytes,
@@ -70,6 +67,7 @@ failure (after the retry wrapper gave up) stops every stage through the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import json
@@ -130,9 +128,8 @@ DEFAULT_CHUNK_SIZE = 4 * MiB
 DEFAULT_PACK_THRESHOLD = 1 * MiB
 DEFAULT_PACK_CHUNKS = 16
 MAX_PENDING_ENTRIES = 20_000
-BATCH_FILES = 64
-BATCH_BYTES = 4 * MiB
-BATCH_SPAN = 1024
+AHEAD_FILES = 64
+AHEAD_SPAN = 1024
 MAX_ENTRIES_BLOB = 3 * MiB
 """A pack object is sealed once the entries it describes reach this size."""
 ENTRIES_MARKER = "cryo:entries"
@@ -640,24 +637,17 @@ def _open(entry: Entry) -> int:
 
 
 class _FileReader:
-    """Reads one regular file into chunks (or a pack) and builds its manifest entry.
-
-    ``read_cached`` is the scanner's fast path for small files: it reads the
-    file in the scanning thread, but only if all of it is in the page cache
-    (``RWF_NOWAIT``), so a warm tree is read without handing every file to
-    another thread, while files that need the disk still go to the readers
-    in batches and are read in parallel.
-    """
+    """Reads one regular file into chunks (or a pack) and builds its manifest entry."""
 
     def __init__(self, run: _Run) -> None:
         self.run = run
-        self.nowait = hasattr(os, "RWF_NOWAIT")
-        self._buf = bytearray()
 
-    def read(self, seq: int, entry: Entry, manifest: _ManifestWriter) -> None:
+    def read(
+        self, seq: int, entry: Entry, manifest: _ManifestWriter, fd: int | None = None
+    ) -> None:
         run = self.run
         try:
-            m = self._read(entry)
+            m = self._read(entry, fd)
         except _Unreadable as exc:
             run.warn(entry.source, f"not backed up: {exc}")
             manifest.complete(seq, None)
@@ -665,66 +655,15 @@ class _FileReader:
         run.file_done(m.size)
         manifest.complete(seq, m)
 
-    def read_batch(self, batch: list[tuple[int, Entry]], manifest: _ManifestWriter) -> None:
-        for seq, entry in batch:
-            self.run.coordinator.check()
-            self.read(seq, entry, manifest)
-
-    def read_cached(self, seq: int, entry: Entry, manifest: _ManifestWriter) -> bool:
-        """Read a small file now if the page cache holds all of it; False leaves it to ``read``.
-
-        Anything out of the ordinary (an error, a short read, holes, a file
-        that grew) also returns False: the ordinary path handles and reports it.
-        """
-        import xxhash
-
-        if not self.nowait:
-            return False
-        run = self.run
-        try:
-            fd = _open(entry)
-        except _Unreadable:
-            return False
-        try:
-            if _has_holes(fd, entry.size, entry.blocks):
-                return False
-            if not self._buf:
-                self._buf = bytearray(run.options.pack_threshold)
-            try:
-                n = os.preadv(fd, [self._buf], 0, os.RWF_NOWAIT)
-            except BlockingIOError:
-                return False
-            except OSError as exc:
-                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                    self.nowait = False  # this kernel or file system cannot say
-                return False
-            if n != entry.size:
-                return False
-            after = os.fstat(fd)
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
-        with memoryview(self._buf) as view:
-            data = view[:n]
-            m = _manifest_entry(entry)
-            h = xxhash.xxh3_128(data)
-            run.read_bytes(n)
-            self._finish(entry, m, n, h, None, after)
-            if n:
-                run.packer.add(data, m)
-            data.release()
-        run.file_done(n)
-        manifest.complete(seq, m)
-        return True
-
-    def _read(self, entry: Entry) -> ManifestEntry:
+    def _read(self, entry: Entry, fd: int | None = None) -> ManifestEntry:
+        """Read ``entry`` (from ``fd`` if given, which is then closed)."""
         import xxhash
 
         run = self.run
         opts = run.options
         m = _manifest_entry(entry)
-        fd = _open(entry)
+        if fd is None:
+            fd = _open(entry)
         try:
             h = xxhash.xxh3_128()
             if entry.size < opts.pack_threshold and not _has_holes(fd, entry.size, entry.blocks):
@@ -802,35 +741,107 @@ class _FileReader:
         chunker.close(m)
 
 
-class _Batch:
-    """Small files the scanner could not read from the page cache, handed to the readers together.
+class _SmallFiles:
+    """The scanner's own reader of small files, with the kernel reading ahead.
 
-    A batch goes once it holds ``BATCH_FILES`` files or ``BATCH_BYTES``
-    bytes, or once its first file is ``BATCH_SPAN`` entries behind the scan,
-    so the manifest's reorder buffer (far larger) never waits on a batch
-    that was not sent.
+    Handing each of thousands of tiny files to a reader thread costs more
+    than reading it: the threads then contend for the interpreter lock at
+    every system call. So the scanning thread reads small files itself.
+    A file whose bytes are all in the page cache (a no-wait read tells) is
+    read at once. Any other one is opened, the kernel is asked to read it
+    ahead (``POSIX_FADV_WILLNEED``, which does not wait), and it is set
+    aside; it is read once ``AHEAD_FILES`` more files were set aside or the
+    scan is ``AHEAD_SPAN`` entries further, by when its bytes are usually
+    in memory. A cold tree is thus read with many requests in flight
+    without a second thread. The manifest's reorder buffer (far larger than
+    ``AHEAD_SPAN``) never waits on a file set aside.
     """
 
     def __init__(self, run: _Run, reader: _FileReader, manifest: _ManifestWriter) -> None:
         self._run, self._reader, self._manifest = run, reader, manifest
-        self._items: list[tuple[int, Entry]] = []
-        self._bytes = 0
+        self._nowait = hasattr(os, "RWF_NOWAIT")
+        self._buf = bytearray()
+        self._ahead: collections.deque[tuple[int, Entry, int]] = collections.deque()
 
-    def add(self, seq: int, entry: Entry) -> None:
-        items = self._items
-        items.append((seq, entry))
-        self._bytes += entry.size
-        if len(items) >= BATCH_FILES or self._bytes >= BATCH_BYTES:
-            self.flush()
+    def read(self, seq: int, entry: Entry) -> None:
+        try:
+            fd = _open(entry)
+        except _Unreadable:
+            self._reader.read(seq, entry, self._manifest)  # fails again, and reports it
+            return
+        try:
+            done = self._read_cached(seq, entry, fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        if done:
+            os.close(fd)
+            return
+        with contextlib.suppress(OSError):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        self._ahead.append((seq, entry, fd))
+        if len(self._ahead) > AHEAD_FILES:
+            self._read_one()
 
     def due(self, seq: int) -> None:
-        if self._items and seq - self._items[0][0] >= BATCH_SPAN:
-            self.flush()
+        """Read the files set aside ``AHEAD_SPAN`` or more entries before ``seq``."""
+        ahead = self._ahead
+        while ahead and seq - ahead[0][0] >= AHEAD_SPAN:
+            self._read_one()
 
     def flush(self) -> None:
-        if self._items:
-            items, self._items, self._bytes = self._items, [], 0
-            self._run.readers.submit(self._reader.read_batch, items, self._manifest)
+        while self._ahead:
+            self._read_one()
+
+    def close(self) -> None:
+        """Close the files still set aside (after a failure)."""
+        while self._ahead:
+            os.close(self._ahead.popleft()[2])
+
+    def _read_one(self) -> None:
+        seq, entry, fd = self._ahead.popleft()
+        self._run.coordinator.check()
+        self._reader.read(seq, entry, self._manifest, fd)
+
+    def _read_cached(self, seq: int, entry: Entry, fd: int) -> bool:
+        """Read the file now if the page cache holds all of it; False leaves it for later.
+
+        Anything out of the ordinary (an error, a short read, holes, a file
+        that grew) also returns False: the ordinary path handles and reports it.
+        """
+        import xxhash
+
+        if not self._nowait:
+            return False
+        run = self._run
+        try:
+            if _has_holes(fd, entry.size, entry.blocks):
+                return False
+            if not self._buf:
+                self._buf = bytearray(run.options.pack_threshold)
+            try:
+                n = os.preadv(fd, [self._buf], 0, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                    self._nowait = False  # this kernel or file system cannot say
+                return False
+            if n != entry.size:
+                return False
+            after = os.fstat(fd)
+        except OSError:
+            return False
+        m = _manifest_entry(entry)
+        with memoryview(self._buf) as view, view[:n] as data:
+            h = xxhash.xxh3_128(data)
+            run.read_bytes(n)
+            self._reader._finish(entry, m, n, h, None, after)
+            if n:
+                run.packer.add(data, m)
+        run.file_done(n)
+        self._manifest.complete(seq, m)
+        return True
 
 
 def _hash_zeros(h: Any, n: int) -> None:
@@ -1195,7 +1206,7 @@ def run_backup(
             target=run.estimate, args=(roots, stop_ticker), name="estimate", daemon=True
         ).start()
     reader_ = _FileReader(run)
-    batch = _Batch(run, reader_, manifest)
+    small = _SmallFiles(run, reader_, manifest)
     deleted = 0
     try:
         try:
@@ -1213,7 +1224,7 @@ def run_backup(
                 for e in scan(roots, options.scan, run.warn, lazy_xattrs=lazy):
                     check()
                     seq = reserve()
-                    batch.due(seq)
+                    small.due(seq)
                     old = find(e) if find is not None else None
                     if isinstance(old, tuple):
                         if e.kind == KIND_FILE:
@@ -1228,8 +1239,8 @@ def run_backup(
                     if e.kind == KIND_FILE and old is None:
                         if e.size >= options.pack_threshold:
                             run.readers.submit(reader_.read, seq, e, manifest)
-                        elif not reader_.read_cached(seq, e, manifest):
-                            batch.add(seq, e)
+                        else:
+                            small.read(seq, e)
                     else:
                         m = _manifest_entry(e)
                         if old is not None:
@@ -1237,7 +1248,7 @@ def run_backup(
                             m.xxh3 = old.xxh3
                             run.file_done(m.size, unchanged=True)
                         manifest.complete(seq, m)
-            batch.flush()
+            small.flush()
             run.readers.shutdown(wait=True)
             run.coordinator.raise_if_failed()
             run.packer.close()
@@ -1253,6 +1264,7 @@ def run_backup(
             run.complete_object(manifest.obj)
         except BaseException as exc:
             run.coordinator.fail(exc)
+            small.close()
             for ex in (run.readers, run.cpu, run.uploads):
                 ex.shutdown(wait=False)
             if run.coordinator.error is not None and run.coordinator.error is not exc:

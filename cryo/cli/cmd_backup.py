@@ -123,7 +123,14 @@ def backup(
     compression: Annotated[
         int, typer.Option(help="zstd level, 0 to store uncompressed.", min=0, max=19)
     ] = 1,
-    read_workers: Annotated[int, typer.Option(help="Files read in parallel.", min=1)] = 2,
+    read_workers: Annotated[
+        int,
+        typer.Option(
+            help="Large files read in parallel (small ones are read by the scanner,"
+            " with the kernel reading ahead).",
+            min=1,
+        ),
+    ] = 2,
     cpu_workers: Annotated[
         int, typer.Option(help="Chunks compressed and hashed in parallel.", min=1)
     ] = 2,
