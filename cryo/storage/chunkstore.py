@@ -18,15 +18,15 @@ protocol, so a server can keep its chunks off its own disk.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import mmap
 import os
 import secrets
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
+
+from cryo.directio import ALIGN, BUFFERS, STAGE, refused
 
 
 class ChunkWriter(Protocol):
@@ -74,10 +74,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-_ALIGN = 4096
-"""Direct I/O alignment of buffer addresses, file offsets and lengths (any common device)."""
-_STAGE = 1024 * 1024
-"""Bytes a writer gathers in its aligned buffer before one direct write."""
 
 
 class _FileWriter:
@@ -105,7 +101,7 @@ class _FileWriter:
                 self._fd: int | None = os.open(self._tmp, flags | os.O_DIRECT, 0o600)
                 return
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if not refused(exc):
                     raise
                 store.direct = self._direct = False
         self._fd = os.open(self._tmp, flags, 0o600)
@@ -119,14 +115,14 @@ class _FileWriter:
             _write_all(self._fd, view)
             return
         if self._buf is None:
-            self._buf = self._store.take_buffer()
+            self._buf = BUFFERS.take()
         while view:
-            n = min(len(view), _STAGE - self._fill)
+            n = min(len(view), STAGE - self._fill)
             self._buf[self._fill : self._fill + n] = view[:n]
             self._fill += n
             view = view[n:]
-            if self._fill == _STAGE:
-                self._flush(_STAGE)
+            if self._fill == STAGE:
+                self._flush(STAGE)
 
     def _flush(self, n: int) -> None:
         """Write the first ``n`` bytes of the buffer (a multiple of the alignment)."""
@@ -136,10 +132,10 @@ class _FileWriter:
             while staged:
                 done = os.write(self._fd, staged)
                 staged = staged[done:]
-                if done % _ALIGN:
+                if done % ALIGN:
                     break  # an odd short write: the rest goes through the page cache
         except OSError as exc:
-            if exc.errno != errno.EINVAL:
+            if not refused(exc):
                 raise
         if staged:
             self._store.direct = self._direct = False
@@ -151,7 +147,7 @@ class _FileWriter:
 
     def _release(self) -> None:
         if self._buf is not None:
-            self._store.return_buffer(self._buf)
+            BUFFERS.give(self._buf)
             self._buf = None
 
     def seal(self) -> None:
@@ -159,7 +155,7 @@ class _FileWriter:
             return
         try:
             if self._fill:  # only direct writes stage bytes: pad the last block, then cut it
-                padded = -(-self._fill // _ALIGN) * _ALIGN
+                padded = -(-self._fill // ALIGN) * ALIGN
                 assert self._buf is not None
                 self._buf[self._fill : padded] = bytes(padded - self._fill)
                 self._flush(padded)
@@ -206,20 +202,7 @@ class FileChunkStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.direct = direct and hasattr(os, "O_DIRECT")
         """Whether writers try direct I/O (cleared once the file system refuses it)."""
-        self._buffers: list[mmap.mmap] = []
-        self._buffers_lock = threading.Lock()
         self._remove_stale_temporaries()
-
-    def take_buffer(self) -> mmap.mmap:
-        """An aligned staging buffer (page-aligned memory), reused across writers."""
-        with self._buffers_lock:
-            if self._buffers:
-                return self._buffers.pop()
-        return mmap.mmap(-1, _STAGE)
-
-    def return_buffer(self, buf: mmap.mmap) -> None:
-        with self._buffers_lock:
-            self._buffers.append(buf)
 
     def _remove_stale_temporaries(self) -> None:
         for entry in self.tmp_dir.iterdir():
