@@ -83,7 +83,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from cryo import __version__
-from cryo.checksums import CHUNK_ALGORITHM, chunk_checksum, summary_checksum
+from cryo.checksums import CHUNK_ALGORITHM, chunk_checksum, hash_zeros, summary_checksum
 from cryo.encoding import encode
 from cryo.errors import IllegalArgumentException, ResourceNotFoundException
 from cryo.events import EventSink, FileWarning, Progress, ignore
@@ -134,7 +134,6 @@ MAX_ENTRIES_BLOB = 3 * MiB
 """A pack object is sealed once the entries it describes reach this size."""
 ENTRIES_MARKER = "cryo:entries"
 """MetadataString of a data object whose MetadataBlob lists its entries."""
-_ZEROS = bytes(MiB)
 
 
 @dataclass(frozen=True, slots=True)
@@ -720,7 +719,7 @@ class _FileReader:
         chunker = _Chunker(run, m.extents)
         pos = 0
         for start, end in regions:
-            _hash_zeros(h, start - pos)
+            hash_zeros(h, start - pos)
             pos = start
             while end is None or pos < end:
                 run.coordinator.check()
@@ -735,7 +734,7 @@ class _FileReader:
                 if end is None and len(data) < want:
                     break
         if sparse and pos < size_hint:
-            _hash_zeros(h, size_hint - pos)
+            hash_zeros(h, size_hint - pos)
             pos = size_hint
         self._finish(entry, m, pos, h, st, _io(os.fstat, fd))
         chunker.close(m)
@@ -842,13 +841,6 @@ class _SmallFiles:
         run.file_done(n)
         self._manifest.complete(seq, m)
         return True
-
-
-def _hash_zeros(h: Any, n: int) -> None:
-    while n > 0:
-        step = min(n, len(_ZEROS))
-        h.update(_ZEROS[:step])
-        n -= step
 
 
 def _read_stream(run: _Run, stream: BinaryIO, name: str) -> ManifestEntry:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterable
+from typing import Any
 
 CHUNK_ALGORITHM = "SHA256"
 SUMMARY_ALGORITHM = "SUMMARY"
@@ -48,3 +49,14 @@ def summary_checksum(chunk_checksums: Iterable[str]) -> str:
     for c in chunk_checksums:
         h.update(c.encode("ascii"))
     return b64_of_digest(h.digest())
+
+
+_ZEROS = memoryview(bytes(1024 * 1024))
+
+
+def hash_zeros(h: Any, n: int) -> None:
+    """Feed ``n`` zero bytes to hash ``h`` (a hole, hashed as the zeros it reads as)."""
+    while n > 0:
+        step = min(n, len(_ZEROS))
+        h.update(_ZEROS[:step])
+        n -= step

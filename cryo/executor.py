@@ -55,17 +55,30 @@ class BoundedExecutor:
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._coordinator = coordinator
+        self._lock = threading.Lock()
+        self._pending = 0
+
+    def busy(self) -> bool:
+        """Whether a submitted task has not finished yet."""
+        return self._pending > 0
 
     def submit(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> Future[R]:
         while not self._slots.acquire(timeout=0.2):
             self._coordinator.check()
         self._coordinator.check()
+        with self._lock:
+            self._pending += 1
         try:
             future: Future[R] = self._pool.submit(self._run, fn, *args, **kwargs)  # type: ignore[arg-type]
         except BaseException:
-            self._slots.release()
+            self._done()
             raise
         return future
+
+    def _done(self) -> None:
+        with self._lock:
+            self._pending -= 1
+        self._slots.release()
 
     def _run(self, fn: Callable[..., R], *args: Any, **kwargs: Any) -> R:
         try:
@@ -74,7 +87,7 @@ class BoundedExecutor:
             self._coordinator.fail(exc)
             raise
         finally:
-            self._slots.release()
+            self._done()
 
     def shutdown(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=not wait)

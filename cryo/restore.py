@@ -10,13 +10,17 @@ The manifest is streamed in batches (at most ``batch_files`` files or
 2. The batch's extents are grouped by (data object, chunk): every needed chunk
    is fetched **once**, by ``connections`` parallel workers, its SHA-256
    checked against the listed checksum before it is decoded, and its slices
-   written with ``os.pwrite`` at their file offsets, in any order. A chunk
-   that fails its checksum is fetched once more; if it fails again, the files
-   that need it are reported and left out, and the restore goes on.
-3. Each complete file is read back and its xxh3-128 compared with the
-   manifest's; only then does it get its owner, mode, extended attributes
-   and times, and is renamed to its final name. A corrupt or partial file
-   never sits under a real name.
+   written with ``os.pwrite`` at their file offsets, in any order; files of
+   ``DIRECT_MIN_SIZE`` or more are written with direct I/O (their aligned
+   part), around the page cache (:mod:`cryo.directio`). A chunk that fails
+   its checksum is fetched once more; if it fails again, the files that
+   need it are reported and left out, and the restore goes on.
+3. Each file's xxh3-128 is computed over the bytes written, in file order
+   (``_InOrderHash``: a piece that arrives early waits, and fetches run at
+   most ``HASH_WINDOW`` bytes ahead of the hashed prefix), and compared with
+   the manifest's; only then does the file get its owner, mode, extended
+   attributes and times, and is renamed to its final name. A corrupt or
+   partial file never sits under a real name.
 
 Directories are created as they come (owner-only at first) and get their
 final mode, owner and times last, deepest first, so restoring files into them
@@ -50,6 +54,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from cryo.checksums import hash_zeros
+from cryo.directio import ALIGN, pwrite_direct, refused
 from cryo.errors import CryoError
 from cryo.events import EventSink, FileWarning, Progress, ignore
 from cryo.executor import BoundedExecutor, Coordinator
@@ -60,6 +66,10 @@ from cryo.retry import RetryingBackend, RetryPolicy
 
 OVERWRITE_POLICIES = ("never", "if-changed", "always")
 _TEMP_PREFIX = b".cryo-restore-"
+DIRECT_MIN_SIZE = 1024 * 1024
+"""Files this large or larger are written with direct I/O (see :mod:`cryo.directio`)."""
+HASH_WINDOW = 32 * 1024 * 1024
+"""How far past a file's hashed prefix its pieces may be fetched (bounds pieces held early)."""
 _TEMP_RE = re.compile(rb"^\.cryo-restore-[0-9a-f]{16}\.tmp$")
 
 
@@ -281,8 +291,86 @@ class _Pending:
     fd: int
     failed: str | None = None
     digest: str | None = None
-    """xxh3-128 of the content when one piece wrote it all; else it is read back."""
+    """xxh3-128 of the content when one piece wrote it all."""
     lock: threading.Lock = field(default_factory=threading.Lock)
+    hasher: _InOrderHash | None = None
+    """Hashes the pieces in file order when there are several (or none)."""
+    direct_fd: int | None = None
+    """The same file opened with O_DIRECT, for its aligned pieces."""
+
+    def close(self) -> None:
+        for fd in (self.fd, self.direct_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.direct_fd = None
+
+
+class _InOrderHash:
+    """xxh3-128 of a file whose pieces are written in any order.
+
+    Pieces are hashed in file order as soon as every piece before them is
+    in, the holes between them as the zeros they read as; a piece that comes
+    early waits in memory. Fetches are started no more than ``window`` bytes
+    past the hashed prefix (``wait_turn``), which bounds that memory. The
+    digest is of exactly the bytes written, so the file is never read back.
+    """
+
+    def __init__(self, offsets: list[int], size: int, window: int) -> None:
+        import xxhash
+
+        self._h = xxhash.xxh3_128()
+        self._offsets = sorted(offsets)
+        self._next = 0
+        self._pos = 0
+        self._size = size
+        self._early: dict[int, memoryview] = {}
+        self._window = window
+        self._broken = False
+        self._cond = threading.Condition()
+
+    def wait_turn(self, offset: int, busy: Callable[[], bool], check: Callable[[], None]) -> None:
+        """Wait while ``offset`` is past the window and earlier fetches are still running."""
+        with self._cond:
+            while not self._broken and offset - self._pos > self._window and busy():
+                check()
+                self._cond.wait(0.05)
+
+    def add(self, offset: int, piece: memoryview) -> None:
+        with self._cond:
+            if self._broken:
+                return
+            early, offsets = self._early, self._offsets
+            early[offset] = piece
+            while self._next < len(offsets) and offsets[self._next] in early:
+                start = offsets[self._next]
+                if start < self._pos:  # overlapping pieces: no file holds both
+                    self._break()
+                    return
+                hash_zeros(self._h, start - self._pos)
+                data = early.pop(start)
+                self._h.update(data)
+                self._pos = start + len(data)
+                self._next += 1
+            self._cond.notify_all()
+
+    def fail(self) -> None:
+        with self._cond:
+            self._break()
+
+    def _break(self) -> None:
+        self._broken = True
+        self._early.clear()
+        self._cond.notify_all()
+
+    def hexdigest(self) -> str | None:
+        """The file's digest; None if a piece is missing or lies past its size."""
+        with self._cond:
+            if self._broken or self._next < len(self._offsets) or self._pos > self._size:
+                return None
+            hash_zeros(self._h, self._size - self._pos)
+            self._pos = self._size
+            return str(self._h.hexdigest())
 
 
 class _Restore:
@@ -309,6 +397,8 @@ class _Restore:
         self.dirs = _Dirs(self.root_fd)
         if _target_is_empty(options.target):
             self.dirs.fresh.add(b"")
+        self._direct = hasattr(os, "O_DIRECT")
+        """Whether large files are written around the page cache (until the file system refuses)."""
         self._temp_names = itertools.count()
         self._temp_prefix = _TEMP_PREFIX + secrets.token_hex(4).encode()
 
@@ -472,12 +562,33 @@ class _Restore:
             self.fail(entry.path, f"not restored: {exc.strerror} ({entry.size} bytes)")
             return None
         # dir_fd stays open: the cache is trimmed only between batches.
-        return _Pending(entry, parts, dir_fd, temp, fd)
+        p = _Pending(entry, parts, dir_fd, temp, fd)
+        if not _written_whole(entry):
+            p.hasher = _InOrderHash([e.file_offset for e in entry.extents], entry.size, HASH_WINDOW)
+            if self._direct and entry.size >= DIRECT_MIN_SIZE:
+                p.direct_fd = self._open_direct(temp, dir_fd)
+        return p
+
+    def _open_direct(self, temp: bytes, dir_fd: int) -> int | None:
+        try:
+            return os.open(
+                temp, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
+            )
+        except OSError as exc:
+            if not refused(exc):
+                raise
+            self._direct = False  # this file system writes through the page cache only
+            return None
 
     def finish_file(self, p: _Pending) -> None:
         try:
             if p.failed is None:
-                digest = p.digest if p.digest is not None else _xxh3_fd(p.fd, p.entry.size)
+                if p.hasher is not None:
+                    digest = p.hasher.hexdigest()
+                elif p.digest is not None:
+                    digest = p.digest
+                else:
+                    digest = _xxh3_fd(p.fd, p.entry.size)
                 if digest != p.entry.xxh3:
                     p.failed = "content does not match its xxh3-128 checksum"
             if p.failed is not None:
@@ -492,8 +603,7 @@ class _Restore:
                 os.unlink(p.temp, dir_fd=p.dir_fd)
             raise
         finally:
-            with contextlib.suppress(OSError):
-                os.close(p.fd)
+            p.close()
 
     def fetch(self, key: tuple[str, int], users: list[tuple[_Pending, int, int, int]]) -> None:
         """Fetch one chunk and write its slices into every file that needs it."""
@@ -510,6 +620,8 @@ class _Restore:
             for p, *_ in users:
                 with p.lock:
                     p.failed = str(exc)
+                if p.hasher is not None:
+                    p.hasher.fail()
             return
         written = 0
         for p, file_offset, chunk_offset, length in users:
@@ -517,17 +629,35 @@ class _Restore:
             if len(piece) != length:
                 with p.lock:
                     p.failed = f"chunk {index} of {name!r} is shorter than its extent"
+                if p.hasher is not None:
+                    p.hasher.fail()
                 continue
-            if os.pwrite(p.fd, piece, file_offset) != length:
-                with p.lock:
-                    p.failed = "short write"
-                continue
-            if _written_whole(p.entry):
+            self._write(p, piece, file_offset)
+            if p.hasher is not None:
+                p.hasher.add(file_offset, piece)
+            elif _written_whole(p.entry):
                 # The whole file in one piece: hash the bytes just written, not a read-back.
                 p.digest = xxhash.xxh3_128_hexdigest(piece)
             written += length
         with self._lock:
             self.bytes_written += written
+
+    def _write(self, p: _Pending, piece: memoryview, offset: int) -> None:
+        """Write ``piece`` at ``offset``: its aligned part around the page cache if possible."""
+        if p.direct_fd is not None and offset % ALIGN == 0:
+            n = len(piece) - len(piece) % ALIGN
+            done = 0
+            if n:
+                try:
+                    done = pwrite_direct(p.direct_fd, piece[:n], offset)
+                except OSError as exc:
+                    if not refused(exc):
+                        raise
+                    self._direct = False
+            piece, offset = piece[done:], offset + done
+        while piece:
+            n = os.pwrite(p.fd, piece, offset)
+            piece, offset = piece[n:], offset + n
 
     def restore_batch(self, batch: list[tuple[list[bytes], ManifestEntry]]) -> None:
         pending: list[_Pending] = []
@@ -552,7 +682,11 @@ class _Restore:
                 self.options.connections, self.options.connections * 2, self.coordinator, "fetch"
             )
             try:
+                check = self.coordinator.check
                 for key, users in by_chunk.items():
+                    for p, file_offset, _, _ in users:
+                        if p.hasher is not None:
+                            p.hasher.wait_turn(file_offset, pool.busy, check)
                     pool.submit(self.fetch, key, users)
             finally:
                 pool.shutdown(wait=True)
@@ -561,8 +695,7 @@ class _Restore:
                 self.finish_file(pending.pop())
         finally:
             for p in pending:
-                with contextlib.suppress(OSError):
-                    os.close(p.fd)
+                p.close()
                 with contextlib.suppress(OSError):
                     os.unlink(p.temp, dir_fd=p.dir_fd)
 
@@ -684,9 +817,6 @@ def _owner_ids(entry: ManifestEntry) -> tuple[int, int]:
     return _id_by_name("u", entry.user, entry.uid), _id_by_name("g", entry.group, entry.gid)
 
 
-_ZEROS = memoryview(bytes(1024 * 1024))
-
-
 def _xxh3_fd(fd: int, size: int) -> str:
     """xxh3-128 of the first ``size`` bytes of ``fd`` (of fewer if the file is shorter).
 
@@ -704,10 +834,8 @@ def _xxh3_fd(fd: int, size: int) -> str:
             end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
         except OSError as exc:  # ENXIO: only a hole remains; otherwise no SEEK_DATA here
             start, end = (size, size) if exc.errno == errno.ENXIO else (pos, size)
-        while pos < start:
-            step = min(start - pos, len(_ZEROS))
-            h.update(_ZEROS[:step])
-            pos += step
+        hash_zeros(h, start - pos)
+        pos = max(pos, start)
         while pos < end:
             data = os.pread(fd, min(4 * 1024 * 1024, end - pos), pos)
             if not data:

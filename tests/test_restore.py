@@ -294,3 +294,112 @@ def test_content_that_does_not_match_its_xxh3_is_never_restored(tmp_path: Path) 
     ]
     assert sorted(p.name for p in out.iterdir()) == ["good"]
     assert (out / "good").read_bytes() == data
+
+
+def _large_files(src: Path) -> dict[str, bytes]:
+    """Files of many chunks: aligned and odd sizes, and one with holes."""
+    src.mkdir()
+    rng = __import__("random").Random(7)
+    files = {
+        "aligned.bin": rng.randbytes(2 * MiB),
+        "odd-tail.bin": rng.randbytes(3 * MiB + 1234),
+        "text.log": b"".join(b"line %d of a log file\n" % i for i in range(120_000)),
+    }
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    with open(src / "holes.img", "wb") as f:
+        f.write(b"head" * 1000)
+        f.seek(2 * MiB)
+        f.write(b"middle" * 20_000)
+        f.truncate(5 * MiB)
+    files["holes.img"] = (src / "holes.img").read_bytes()
+    return files
+
+
+def _in_page_cache(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_large_files_come_back_exactly_when_their_chunks_arrive_in_any_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunks are fetched in parallel and written where they belong; each file's
+    # xxh3-128 is computed over its pieces in file order. A window of two chunks
+    # makes later pieces wait for earlier ones all the time.
+    import cryo.restore
+
+    monkeypatch.setattr(cryo.restore, "HASH_WINDOW", 128 * KiB)
+    files = _large_files(tmp_path / "src")
+    backend, job = backup_tree(tmp_path, tmp_path / "src")
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out), connections=8))
+    assert summary.failures == () and summary.files == len(files)
+    base = out / os.fsdecode(os.fsencode(tmp_path / "src").lstrip(b"/"))
+    # large files are written around the page cache, so a restore does not evict
+    # what the machine keeps cached
+    assert not _in_page_cache(base / "aligned.bin")
+    for name, data in files.items():
+        assert (base / name).read_bytes() == data, name
+    # holes stay holes
+    assert os.stat(base / "holes.img").st_blocks * 512 < 2 * MiB
+
+
+def test_large_files_restore_where_direct_io_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    files = _large_files(tmp_path / "src")
+    backend, job = backup_tree(tmp_path, tmp_path / "src")
+    real_open = os.open
+
+    def refusing_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert summary.failures == ()
+    base = out / os.fsdecode(os.fsencode(tmp_path / "src").lstrip(b"/"))
+    for name, data in files.items():
+        assert (base / name).read_bytes() == data, name
+
+
+def test_a_corrupt_chunk_inside_a_large_file_fails_that_file_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The pieces after the bad chunk must not wait for it forever.
+    import cryo.restore
+
+    monkeypatch.setattr(cryo.restore, "HASH_WINDOW", 128 * KiB)
+    files = _large_files(tmp_path / "src")
+    backend, job = backup_tree(tmp_path, tmp_path / "src")
+    victim = os.fsencode(tmp_path / "src" / "odd-tail.bin").lstrip(b"/")
+    reader = JobReader(backend, job)
+    _, entries = reader.manifest()
+    entry = next(e for e in entries if e.path == victim)
+    ext = entry.extents[3]
+    chunk = reader.chunks_of(ext.object_name)[ext.chunk_index]
+    sha = bytes.hex(__import__("base64").b64decode(chunk.checksum))
+    f = backend.root / "chunks" / sha[:2] / sha
+    f.write_bytes(f.read_bytes()[:-1] + b"\x00")
+    out = tmp_path / "out"
+    started = time.monotonic()
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert time.monotonic() - started < 60
+    assert [w.path for w in summary.failures] == [os.fsdecode(victim)]
+    base = out / os.fsdecode(os.fsencode(tmp_path / "src").lstrip(b"/"))
+    assert not (base / "odd-tail.bin").exists()
+    assert list(out.rglob(".cryo-*")) == []
+    for name, data in files.items():
+        if name != "odd-tail.bin":
+            assert (base / name).read_bytes() == data, name

@@ -74,8 +74,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-
-
 class _FileWriter:
     """One temporary chunk file, written around the page cache when the file system allows.
 
