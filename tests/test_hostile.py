@@ -764,8 +764,10 @@ def test_a_file_that_changes_while_the_backup_runs(tmp_path: Path, change: str) 
     src = tmp_path / "src"
     (src / "c-later").mkdir(parents=True)
     (src / "a-trigger").write_bytes(os.urandom(24 * MiB))  # read just before the victim
+    # Large enough for the readers (small files are read by the scanner as it finds
+    # them, leaving no time to change in between): queued behind the trigger.
     victim = src / "b-victim"
-    victim.write_bytes(b"as scanned\n" * 100)
+    victim.write_bytes(b"as scanned\n" * 200_000)
     (src / "c-later" / "x").write_bytes(b"after the victim")
     (src / "d-last").write_bytes(os.urandom(5000))
 
