@@ -13,6 +13,8 @@ Algorithm
    Small files are read by the scanner itself: handing each of thousands
    of tiny files to another thread costs more than reading it. Those not
    in the page cache are first read ahead by the kernel (``_SmallFiles``).
+   A large file mostly outside the page cache is read with direct I/O
+   (:mod:`cryo.directio`).
    Small files (below ``pack_threshold``) are **packed**: their bytes are
    appended to a shared buffer that becomes one chunk of a pack object once
    it reaches ``chunk_size``, so the number of API calls grows with bytes,
@@ -84,6 +86,7 @@ from typing import Any, BinaryIO
 
 from cryo import __version__
 from cryo.checksums import CHUNK_ALGORITHM, chunk_checksum, hash_zeros, summary_checksum
+from cryo.directio import ALIGN, cached_fraction, pread_direct, refused
 from cryo.encoding import encode
 from cryo.errors import IllegalArgumentException, ResourceNotFoundException
 from cryo.events import EventSink, FileWarning, Progress, ignore
@@ -386,6 +389,8 @@ class _Run:
         self.files_total: int | None = None
         self.bytes_total: int | None = None
         self.warnings: list[FileWarning] = []
+        self.direct_reads = hasattr(os, "O_DIRECT")
+        """Whether cold large files are read around the page cache (until refused)."""
         c = self.coordinator
         self.readers = BoundedExecutor(options.read_workers, options.read_workers * 2, c, "read")
         self.cpu = BoundedExecutor(options.cpu_workers, options.cpu_workers * 2, c, "encode")
@@ -404,12 +409,12 @@ class _Run:
     def new_object(self) -> _Object:
         return self.start_object(self.next_name())
 
-    def submit_chunk(self, obj: _Object, index: int, data: bytes) -> None:
+    def submit_chunk(self, obj: _Object, index: int, data: bytes | bytearray) -> None:
         with obj.lock:
             obj.pending += 1
         self.cpu.submit(self._encode, obj, index, data)
 
-    def _encode(self, obj: _Object, index: int, data: bytes) -> None:
+    def _encode(self, obj: _Object, index: int, data: bytes | bytearray) -> None:
         self.coordinator.check()
         stored = encode(data, self.options.compression_level)
         self.uploads.submit(self._put, obj, index, stored, chunk_checksum(stored))
@@ -455,10 +460,10 @@ class _Run:
             metadata_blob_checksum_algorithm=CHUNK_ALGORITHM,
         )
 
-    def put_single(self, name: str, data: bytes, metadata: str | None) -> None:
+    def put_single(self, name: str, data: bytes | bytearray, metadata: str | None) -> None:
         self.cpu.submit(self._encode_single, name, data, metadata)
 
-    def _encode_single(self, name: str, data: bytes, metadata: str | None) -> None:
+    def _encode_single(self, name: str, data: bytes | bytearray, metadata: str | None) -> None:
         self.coordinator.check()
         stored = encode(data, self.options.compression_level)
         self.uploads.submit(self._put_single, name, stored, chunk_checksum(stored), metadata)
@@ -582,10 +587,10 @@ class _Chunker:
         self._run = run
         self._extents = extents
         self._obj: _Object | None = None
-        self._first: tuple[int, bytes] | None = None
+        self._first: tuple[int, bytes | bytearray] | None = None
         self._index = 0
 
-    def add(self, file_offset: int, data: bytes) -> None:
+    def add(self, file_offset: int, data: bytes | bytearray) -> None:
         if self._obj is None:
             if self._first is None:
                 self._first = (file_offset, data)
@@ -595,7 +600,7 @@ class _Chunker:
             self._first = None
         self._submit(file_offset, data)
 
-    def _submit(self, file_offset: int, data: bytes) -> None:
+    def _submit(self, file_offset: int, data: bytes | bytearray) -> None:
         assert self._obj is not None
         self._run.submit_chunk(self._obj, self._index, data)
         self._extents.append(Extent(file_offset, self._obj.name, self._index, 0, len(data)))
@@ -711,20 +716,72 @@ class _FileReader:
     ) -> None:
         run = self.run
         size_hint = st.st_size
-        chunk_size = run.options.chunk_size
         sparse = st.st_blocks * 512 < st.st_size
         regions: list[tuple[int, int | None]] = (
             list(_data_regions(fd, size_hint)) if sparse else [(0, None)]
         )
         chunker = _Chunker(run, m.extents)
+        dfd = self._open_direct(fd)
+        try:
+            pos = self._read_regions(fd, dfd, regions, chunker, h)
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+        if sparse and pos < size_hint:
+            hash_zeros(h, size_hint - pos)
+            pos = size_hint
+        self._finish(entry, m, pos, h, st, _io(os.fstat, fd))
+        chunker.close(m)
+
+    def _open_direct(self, fd: int) -> int | None:
+        """The file again, for direct reads, if most of it is not in the page cache.
+
+        Reading a cold file through the page cache costs a page for every 4 KiB
+        and evicts what the machine keeps cached; a warm one is read from there.
+        """
+        run = self.run
+        if not run.direct_reads:
+            return None
+        fraction = cached_fraction(fd)
+        if fraction is None or fraction >= 0.5:
+            return None
+        try:
+            return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            run.direct_reads = False  # refused here, or no /proc: read through the cache
+            return None
+
+    def _read_regions(
+        self,
+        fd: int,
+        dfd: int | None,
+        regions: list[tuple[int, int | None]],
+        chunker: _Chunker,
+        h: Any,
+    ) -> int:
+        """Read the data regions into chunks (from ``dfd`` where given); returns the end."""
+        run = self.run
+        chunk_size = run.options.chunk_size
         pos = 0
+        data: bytes | bytearray
         for start, end in regions:
             hash_zeros(h, start - pos)
             pos = start
             while end is None or pos < end:
                 run.coordinator.check()
                 want = chunk_size if end is None else min(chunk_size, end - pos)
-                data = _io(os.pread, fd, want, pos)
+                data = b""
+                if dfd is not None and pos % ALIGN == 0:
+                    try:
+                        data = pread_direct(dfd, want, pos)
+                    except OSError as exc:
+                        if not refused(exc):
+                            raise _Unreadable(exc.strerror or str(exc)) from None
+                        run.direct_reads = False
+                        os.close(dfd)
+                        dfd = None
+                if dfd is None or pos % ALIGN:
+                    data = _io(os.pread, fd, want, pos)
                 if not data:
                     break
                 h.update(data)
@@ -733,11 +790,7 @@ class _FileReader:
                 pos += len(data)
                 if end is None and len(data) < want:
                     break
-        if sparse and pos < size_hint:
-            hash_zeros(h, size_hint - pos)
-            pos = size_hint
-        self._finish(entry, m, pos, h, st, _io(os.fstat, fd))
-        chunker.close(m)
+        return pos
 
 
 class _SmallFiles:

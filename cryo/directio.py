@@ -6,7 +6,9 @@ whose host reclaims free guest memory, a fresh page is dearer still (here,
 writing 1.25 GiB cost 1.5 to 2.7 s of system time through the page cache and
 0.1 to 0.3 s around it). Bytes that are written once and not read again soon,
 a backup's chunk files and a restore's large files, are therefore written
-with ``O_DIRECT``.
+with ``O_DIRECT``; and a large file a backup finds mostly outside the page
+cache (``cached_fraction``) is read with ``O_DIRECT``: reading a cold 1.3 GiB
+through the cache cost 2.7 s of system time here, around it 0.6 s.
 
 Direct I/O needs the buffer address, the file offset and the length aligned
 (``ALIGN`` satisfies every common device), so bytes are copied into a reused
@@ -20,7 +22,9 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import sys
 import threading
+from typing import Any
 
 ALIGN = 4096
 """Alignment of buffer addresses, file offsets and lengths for direct I/O."""
@@ -29,21 +33,23 @@ STAGE = 1024 * 1024
 
 
 class BufferPool:
-    """Page-aligned staging buffers, reused so their pages are touched once."""
+    """Page-aligned buffers, reused so their pages are touched once."""
 
     def __init__(self) -> None:
-        self._free: list[mmap.mmap] = []
+        self._free: dict[int, list[mmap.mmap]] = {}
         self._lock = threading.Lock()
 
-    def take(self) -> mmap.mmap:
+    def take(self, size: int = STAGE) -> mmap.mmap:
+        """A buffer of exactly ``size`` bytes (a multiple of ``ALIGN``)."""
         with self._lock:
-            if self._free:
-                return self._free.pop()
-        return mmap.mmap(-1, STAGE)
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return mmap.mmap(-1, size)
 
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
-            self._free.append(buf)
+            self._free.setdefault(len(buf), []).append(buf)
 
 
 BUFFERS = BufferPool()
@@ -77,3 +83,76 @@ def pwrite_direct(fd: int, data: bytes | memoryview, offset: int) -> int:
     finally:
         BUFFERS.give(buf)
     return done
+
+
+def pread_direct(fd: int, n: int, offset: int) -> bytes:
+    """Up to ``n`` bytes at ``offset`` of ``fd`` (opened with ``O_DIRECT``); fewer at the end.
+
+    One request for all of it (large requests are what keep a device busy
+    without the kernel's read-ahead). ``offset`` must be a multiple of
+    ``ALIGN``; ``n`` need not be. ``EINVAL`` is raised when direct I/O is
+    refused.
+    """
+    assert offset % ALIGN == 0, "unaligned direct read"
+    ask = -(-n // ALIGN) * ALIGN
+    buf = BUFFERS.take(ask)
+    got = 0
+    try:
+        with memoryview(buf) as staged:
+            while got < n:
+                k = os.preadv(fd, [staged[got:ask]], offset + got)
+                got += k
+                if k == 0 or got % ALIGN:
+                    break  # the end of the file
+            return bytes(staged[: min(got, n)])
+    finally:
+        BUFFERS.give(buf)
+
+
+_CACHESTAT = 451
+"""The cachestat system call (Linux 6.5 and later; one number on every architecture)."""
+_cachestat: Any = None
+
+
+def cached_fraction(fd: int) -> float | None:
+    """The share of a file's pages in the page cache, or None where the kernel cannot say.
+
+    Asks ``cachestat``, which, unlike a no-wait read, starts no read-ahead.
+    """
+    global _cachestat
+    if _cachestat is False:
+        return None
+    if _cachestat is None:
+        _cachestat = _load_cachestat()
+        if _cachestat is False:
+            return None
+    ctypes, syscall, range_type, stat_type = _cachestat
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 1.0
+    rng, stat = range_type(0, 0), stat_type()
+    if syscall(_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
+        _cachestat = False
+        return None
+    return min(1.0, float(stat.nr_cache) * mmap.PAGESIZE / size)
+
+
+def _load_cachestat() -> Any:
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]  # len 0: to the end
+
+    class Stat(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_uint64)
+            for name in ("nr_cache", "nr_dirty", "nr_writeback", "nr_evicted", "nr_recently")
+        ]
+
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return False
+    return ctypes, syscall, Range, Stat

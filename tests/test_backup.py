@@ -3,8 +3,10 @@ fatal errors and memory bounds. Jobs are read back through the verified job read
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
 import stat
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import pytest
 import xxhash
 
 from cryo.backup import BackupOptions, run_backup
+from cryo.directio import cached_fraction
 from cryo.jobreader import JobReader
 from cryo.manifest import ManifestEntry
 from cryo.scan import ScanOptions
@@ -158,19 +161,26 @@ def test_small_files_are_packed_and_large_files_chunked(tmp_path: Path) -> None:
         assert reader.file_bytes(e) == (src / f"f{i:03d}").read_bytes()
 
 
+def cached_share(path: Path) -> float:
+    """The share of a file's pages in the page cache (asking starts no read)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        share = cached_fraction(fd)
+    finally:
+        os.close(fd)
+    assert share is not None, "this kernel cannot say what it caches (cachestat)"
+    return share
+
+
 def evict_from_page_cache(path: Path) -> bool:
-    """Drop a file's pages from the page cache; True if a no-wait read then finds none."""
+    """Drop a file's pages from the page cache; True if none is left."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        try:
-            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
-        except BlockingIOError:
-            return True
-        return False
     finally:
         os.close(fd)
+    return cached_share(path) == 0.0
 
 
 def test_small_files_on_disk_and_in_the_page_cache_back_up_alike(tmp_path: Path) -> None:
@@ -196,6 +206,52 @@ def test_small_files_on_disk_and_in_the_page_cache_back_up_alike(tmp_path: Path)
         e = entries[rel(src / name)]
         assert e.size == len(content) and reader.file_bytes(e) == content, name
         assert e.xxh3 == xxhash.xxh3_128(content).hexdigest()
+
+
+def _cold_large_files(src: Path) -> dict[str, bytes]:
+    src.mkdir()
+    rng = random.Random(11)
+    files = {"a.bin": rng.randbytes(3 * MiB + 4321), "b.bin": rng.randbytes(2 * MiB)}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+        assert evict_from_page_cache(src / name)
+    return files
+
+
+def test_cold_large_files_are_read_around_the_page_cache(tmp_path: Path) -> None:
+    # A large file that is not in the page cache is read with direct I/O: the
+    # backup is exact and leaves the page cache as it found it.
+    files = _cold_large_files(tmp_path / "src")
+    backend = LocalBackend(tmp_path / "repo")
+    summary = run_backup(backend, small_chunks(paths=(os.fsencode(tmp_path / "src"),)))
+    assert summary.status == "COMPLETED"
+    assert cached_share(tmp_path / "src" / "a.bin") < 0.1
+    reader = JobReader(backend, summary.job_id)
+    entries = entries_of(backend, summary.job_id)
+    for name, data in files.items():
+        e = entries[rel(tmp_path / "src" / name)]
+        assert reader.file_bytes(e) == data and e.xxh3 == xxhash.xxh3_128(data).hexdigest()
+
+
+def test_cold_large_files_back_up_where_direct_io_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = _cold_large_files(tmp_path / "src")
+    real_open = os.open
+
+    def refusing_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    backend = LocalBackend(tmp_path / "repo")
+    summary = run_backup(backend, small_chunks(paths=(os.fsencode(tmp_path / "src"),)))
+    assert summary.status == "COMPLETED"
+    reader = JobReader(backend, summary.job_id)
+    entries = entries_of(backend, summary.job_id)
+    for name, data in files.items():
+        assert reader.file_bytes(entries[rel(tmp_path / "src" / name)]) == data
 
 
 def test_incompressible_chunks_are_stored_raw_and_text_compressed(tmp_path: Path) -> None:

@@ -20,7 +20,16 @@ from cryo.restore import RestoreOptions, run_restore
 from cryo.storage.local import LocalBackend
 
 from .storage_helpers import crafted_job
-from .test_backup import CLI, KiB, MiB, run_cli, small_chunks, tree, xattrs_supported
+from .test_backup import (
+    CLI,
+    KiB,
+    MiB,
+    cached_share,
+    run_cli,
+    small_chunks,
+    tree,
+    xattrs_supported,
+)
 
 __all__ = ["tree"]  # the fixture, re-used from the backup tests
 
@@ -316,17 +325,6 @@ def _large_files(src: Path) -> dict[str, bytes]:
     return files
 
 
-def _in_page_cache(path: Path) -> bool:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def test_large_files_come_back_exactly_when_their_chunks_arrive_in_any_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -344,7 +342,7 @@ def test_large_files_come_back_exactly_when_their_chunks_arrive_in_any_order(
     base = out / os.fsdecode(os.fsencode(tmp_path / "src").lstrip(b"/"))
     # large files are written around the page cache, so a restore does not evict
     # what the machine keeps cached
-    assert not _in_page_cache(base / "aligned.bin")
+    assert cached_share(base / "aligned.bin") < 0.1
     for name, data in files.items():
         assert (base / name).read_bytes() == data, name
     # holes stay holes
