@@ -745,8 +745,14 @@ class _FileReader:
         fraction = cached_fraction(fd)
         if fraction is None or fraction >= 0.5:
             return None
+        path = f"/proc/self/fd/{fd}"
+        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT
         try:
-            return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+            return os.open(path, flags | getattr(os, "O_NOATIME", 0))
+        except OSError:
+            pass
+        try:
+            return os.open(path, flags)  # O_NOATIME needs ownership
         except OSError:
             run.direct_reads = False  # refused here, or no /proc: read through the cache
             return None
@@ -763,24 +769,22 @@ class _FileReader:
         run = self.run
         chunk_size = run.options.chunk_size
         pos = 0
-        data: bytes | bytearray
+        data: bytes
         for start, end in regions:
             hash_zeros(h, start - pos)
             pos = start
             while end is None or pos < end:
                 run.coordinator.check()
                 want = chunk_size if end is None else min(chunk_size, end - pos)
-                data = b""
-                if dfd is not None and pos % ALIGN == 0:
+                direct = dfd is not None and run.direct_reads and pos % ALIGN == 0
+                if direct and dfd is not None:
                     try:
                         data = pread_direct(dfd, want, pos)
                     except OSError as exc:
                         if not refused(exc):
                             raise _Unreadable(exc.strerror or str(exc)) from None
-                        run.direct_reads = False
-                        os.close(dfd)
-                        dfd = None
-                if dfd is None or pos % ALIGN:
+                        run.direct_reads = direct = False  # read through the cache from here on
+                if not direct:
                     data = _io(os.pread, fd, want, pos)
                 if not data:
                     break
@@ -851,8 +855,8 @@ class _SmallFiles:
             os.close(self._ahead.popleft()[2])
 
     def _read_one(self) -> None:
-        seq, entry, fd = self._ahead.popleft()
         self._run.coordinator.check()
+        seq, entry, fd = self._ahead.popleft()
         self._reader.read(seq, entry, self._manifest, fd)
 
     def _read_cached(self, seq: int, entry: Entry, fd: int) -> bool:

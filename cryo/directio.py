@@ -33,14 +33,21 @@ STAGE = 1024 * 1024
 
 
 class BufferPool:
-    """Page-aligned buffers, reused so their pages are touched once."""
+    """Page-aligned buffers, reused so their pages are touched once.
+
+    Sizes are powers of two from ``STAGE`` up, and at most ``KEEP`` of each
+    size are kept, so the pool stays small whatever sizes are asked for.
+    """
+
+    KEEP = 16
 
     def __init__(self) -> None:
         self._free: dict[int, list[mmap.mmap]] = {}
         self._lock = threading.Lock()
 
     def take(self, size: int = STAGE) -> mmap.mmap:
-        """A buffer of exactly ``size`` bytes (a multiple of ``ALIGN``)."""
+        """A buffer of at least ``size`` bytes."""
+        size = max(STAGE, 1 << (size - 1).bit_length())
         with self._lock:
             free = self._free.get(size)
             if free:
@@ -49,7 +56,11 @@ class BufferPool:
 
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:
-            self._free.setdefault(len(buf), []).append(buf)
+            free = self._free.setdefault(len(buf), [])
+            if len(free) < self.KEEP:
+                free.append(buf)
+                return
+        buf.close()
 
 
 BUFFERS = BufferPool()
@@ -132,8 +143,9 @@ def cached_fraction(fd: int) -> float | None:
         return 1.0
     rng, stat = range_type(0, 0), stat_type()
     if syscall(_CACHESTAT, fd, ctypes.byref(rng), ctypes.byref(stat), 0) != 0:
-        _cachestat = False
-        return None
+        if ctypes.get_errno() == errno.ENOSYS:  # an older kernel: never ask again
+            _cachestat = False
+        return None  # e.g. EPERM for a file neither ours nor writable: this file only
     return min(1.0, float(stat.nr_cache) * mmap.PAGESIZE / size)
 
 

@@ -311,9 +311,11 @@ class _InOrderHash:
 
     Pieces are hashed in file order as soon as every piece before them is
     in, the holes between them as the zeros they read as; a piece that comes
-    early waits in memory. Fetches are started no more than ``window`` bytes
-    past the hashed prefix (``wait_turn``), which bounds that memory. The
-    digest is of exactly the bytes written, so the file is never read back.
+    early waits in memory (with the chunk it is part of). A fetch is started
+    no more than ``window`` bytes past the hashed prefix (``wait_turn``)
+    while earlier fetches are still running, which keeps that memory to
+    about the window per large file. The digest is of exactly the bytes
+    written, so the file is never read back.
     """
 
     def __init__(self, offsets: list[int], size: int, window: int) -> None:
@@ -565,20 +567,20 @@ class _Restore:
         p = _Pending(entry, parts, dir_fd, temp, fd)
         if not _written_whole(entry):
             p.hasher = _InOrderHash([e.file_offset for e in entry.extents], entry.size, HASH_WINDOW)
-            if self._direct and entry.size >= DIRECT_MIN_SIZE:
-                p.direct_fd = self._open_direct(temp, dir_fd)
+        if self._direct and entry.size >= DIRECT_MIN_SIZE:
+            p.direct_fd = self._open_direct(temp, dir_fd)
         return p
 
     def _open_direct(self, temp: bytes, dir_fd: int) -> int | None:
+        """The temporary again, for direct writes; None writes it through the page cache."""
         try:
             return os.open(
                 temp, os.O_WRONLY | os.O_DIRECT | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd
             )
         except OSError as exc:
-            if not refused(exc):
-                raise
-            self._direct = False  # this file system writes through the page cache only
-            return None
+            if refused(exc):
+                self._direct = False  # this file system writes through the page cache only
+            return None  # any other failure (no descriptor left...): this file only
 
     def finish_file(self, p: _Pending) -> None:
         try:
@@ -657,6 +659,8 @@ class _Restore:
             piece, offset = piece[done:], offset + done
         while piece:
             n = os.pwrite(p.fd, piece, offset)
+            if n == 0:
+                raise OSError(errno.EIO, "the file system wrote nothing")
             piece, offset = piece[n:], offset + n
 
     def restore_batch(self, batch: list[tuple[list[bytes], ManifestEntry]]) -> None:

@@ -4,6 +4,7 @@ fatal errors and memory bounds. Jobs are read back through the verified job read
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import random
@@ -184,9 +185,9 @@ def evict_from_page_cache(path: Path) -> bool:
 
 
 def test_small_files_on_disk_and_in_the_page_cache_back_up_alike(tmp_path: Path) -> None:
-    # Small files found in the page cache are read by the scanner itself; the
-    # others go to the readers in batches. Both kinds, interleaved, must come
-    # back exactly and in their places.
+    # Small files found in the page cache are read by the scanner at once; the
+    # others are read ahead by the kernel and read a few files later. Both
+    # kinds, interleaved, must come back exactly and in their places.
     src = tmp_path / "mixed"
     src.mkdir()
     contents = {}
@@ -233,18 +234,28 @@ def test_cold_large_files_are_read_around_the_page_cache(tmp_path: Path) -> None
         assert reader.file_bytes(e) == data and e.xxh3 == xxhash.xxh3_128(data).hexdigest()
 
 
+@pytest.mark.parametrize("refused_at", ["open", "read"])
 def test_cold_large_files_back_up_where_direct_io_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused_at: str
 ) -> None:
+    # Some file systems refuse O_DIRECT when a file is opened, others only when it is read.
     files = _cold_large_files(tmp_path / "src")
-    real_open = os.open
+    real_open, real_preadv = os.open, os.preadv
 
     def refusing_open(path: object, flags: int, *args: object, **kw: object) -> int:
         if flags & os.O_DIRECT:
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "open", refusing_open)
+    def refusing_preadv(fd: int, buffers: object, offset: int, *flags: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *flags)  # type: ignore[arg-type]
+
+    if refused_at == "open":
+        monkeypatch.setattr(os, "open", refusing_open)
+    else:
+        monkeypatch.setattr(os, "preadv", refusing_preadv)
     backend = LocalBackend(tmp_path / "repo")
     summary = run_backup(backend, small_chunks(paths=(os.fsencode(tmp_path / "src"),)))
     assert summary.status == "COMPLETED"
