@@ -1160,7 +1160,8 @@ def render_markdown(
         f"Linux {m['kernel']}, Python {m['python']}",
         f"- file system of the work directory: {m['workdir_filesystem']}",
         "- tools: " + "; ".join(f"{k}: {v or 'absent'}" for k, v in meta["versions"].items()),
-        f"- repetitions: {meta['reps']} per tool, after one warm-up read of each dataset; "
+        f"- repetitions: {meta['reps']} per tool, the dataset read into the page cache "
+        "before every tool's repetition; "
         f"tool order rotates every repetition; {'SMOKE sizes' if meta['smoke'] else 'full sizes'}",
         f"- command: `{meta['command']}`",
         "",
