@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 from typing import Any
 
 from cryo.checksums import chunk_checksum, summary_checksum
@@ -90,3 +92,15 @@ def crafted_job(backend: Any, entries: list[ManifestEntry], data: bytes) -> str:
     backend.notify_object_complete(job, upload_id, summary_checksum([c]))
     backend.complete_job(job)
     return str(job)
+
+
+def refuse_direct_io(monkeypatch: Any) -> None:
+    """Make every open with O_DIRECT fail as a file system without direct I/O fails it."""
+    real_open = os.open
+
+    def refusing_open(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", refusing_open)

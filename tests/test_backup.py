@@ -24,6 +24,8 @@ from cryo.manifest import ManifestEntry
 from cryo.scan import ScanOptions
 from cryo.storage.local import LocalBackend
 
+from .storage_helpers import refuse_direct_io
+
 KiB = 1024
 MiB = 1024 * KiB
 CLI = [sys.executable, "-c", "from cryo.cli import main; main()"]
@@ -240,12 +242,7 @@ def test_cold_large_files_back_up_where_direct_io_is_refused(
 ) -> None:
     # Some file systems refuse O_DIRECT when a file is opened, others only when it is read.
     files = _cold_large_files(tmp_path / "src")
-    real_open, real_preadv = os.open, os.preadv
-
-    def refusing_open(path: object, flags: int, *args: object, **kw: object) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+    real_preadv = os.preadv
 
     def refusing_preadv(fd: int, buffers: object, offset: int, *flags: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
@@ -253,7 +250,7 @@ def test_cold_large_files_back_up_where_direct_io_is_refused(
         return real_preadv(fd, buffers, offset, *flags)  # type: ignore[arg-type]
 
     if refused_at == "open":
-        monkeypatch.setattr(os, "open", refusing_open)
+        refuse_direct_io(monkeypatch)
     else:
         monkeypatch.setattr(os, "preadv", refusing_preadv)
     backend = LocalBackend(tmp_path / "repo")

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import os
 import random
 from pathlib import Path
 
 import pytest
 
 from cryo.storage.chunkstore import FileChunkStore
+
+from .storage_helpers import refuse_direct_io
 
 MiB = 1024 * 1024
 LENGTHS = [0, 1, 511, 4095, 4096, 4097, MiB - 1, MiB, MiB + 1, 3 * MiB + 5, 4 * MiB]
@@ -45,14 +45,7 @@ def test_chunks_of_every_length_read_back_exactly(tmp_path: Path, direct: bool) 
 def test_a_file_system_without_direct_io_gets_ordinary_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_open = os.open
-
-    def refusing_open(path: object, flags: int, *args: object, **kw: object) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    refuse_direct_io(monkeypatch)
     store = FileChunkStore(tmp_path)
     data = random.Random(1).randbytes(3 * MiB + 5)
     key = _store_in_pieces(store, data, random.Random(2))

@@ -19,7 +19,7 @@ from cryo.manifest import Extent, ManifestEntry
 from cryo.restore import RestoreOptions, run_restore
 from cryo.storage.local import LocalBackend
 
-from .storage_helpers import crafted_job
+from .storage_helpers import crafted_job, refuse_direct_io
 from .test_backup import (
     CLI,
     KiB,
@@ -115,11 +115,12 @@ def test_refuses_non_empty_target_without_overwrite(tmp_path: Path, tree: Path) 
     assert (out / "precious").read_text() == "keep me"
 
 
-def _corrupt_chunk_of(backend: LocalBackend, job: str, path: bytes) -> Path:
+def _corrupt_chunk_of(backend: LocalBackend, job: str, path: bytes, extent: int = 0) -> Path:
+    """Flip one bit of the stored chunk behind extent ``extent`` of file ``path``."""
     reader = JobReader(backend, job)
     _, entries = reader.manifest()
     entry = next(e for e in entries if e.path == path)
-    ext = entry.extents[0]
+    ext = entry.extents[extent]
     chunk = reader.chunks_of(ext.object_name)[ext.chunk_index]
     sha = bytes.hex(__import__("base64").b64decode(chunk.checksum))
     f = backend.root / "chunks" / sha[:2] / sha
@@ -325,17 +326,26 @@ def _large_files(src: Path) -> dict[str, bytes]:
     return files
 
 
-def test_large_files_come_back_exactly_when_their_chunks_arrive_in_any_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Chunks are fetched in parallel and written where they belong; each file's
-    # xxh3-128 is computed over its pieces in file order. A window of two chunks
-    # makes later pieces wait for earlier ones all the time.
+LargeJob = tuple[dict[str, bytes], LocalBackend, str]
+
+
+@pytest.fixture
+def large_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LargeJob:
+    """A job of large files, restored with a hash window of two chunks, so pieces wait often."""
     import cryo.restore
 
     monkeypatch.setattr(cryo.restore, "HASH_WINDOW", 128 * KiB)
     files = _large_files(tmp_path / "src")
     backend, job = backup_tree(tmp_path, tmp_path / "src")
+    return files, backend, job
+
+
+def test_large_files_come_back_exactly_when_their_chunks_arrive_in_any_order(
+    tmp_path: Path, large_job: LargeJob
+) -> None:
+    # Chunks are fetched in parallel and written where they belong; each file's
+    # xxh3-128 is computed over its pieces in file order.
+    files, backend, job = large_job
     out = tmp_path / "out"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out), connections=8))
     assert summary.failures == () and summary.files == len(files)
@@ -350,20 +360,10 @@ def test_large_files_come_back_exactly_when_their_chunks_arrive_in_any_order(
 
 
 def test_large_files_restore_where_direct_io_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, large_job: LargeJob
 ) -> None:
-    import errno
-
-    files = _large_files(tmp_path / "src")
-    backend, job = backup_tree(tmp_path, tmp_path / "src")
-    real_open = os.open
-
-    def refusing_open(path: object, flags: int, *args: object, **kw: object) -> int:
-        if flags & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "open", refusing_open)
+    files, backend, job = large_job
+    refuse_direct_io(monkeypatch)
     out = tmp_path / "out"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
     assert summary.failures == ()
@@ -373,23 +373,12 @@ def test_large_files_restore_where_direct_io_is_refused(
 
 
 def test_a_corrupt_chunk_inside_a_large_file_fails_that_file_only(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, large_job: LargeJob
 ) -> None:
     # The pieces after the bad chunk must not wait for it forever.
-    import cryo.restore
-
-    monkeypatch.setattr(cryo.restore, "HASH_WINDOW", 128 * KiB)
-    files = _large_files(tmp_path / "src")
-    backend, job = backup_tree(tmp_path, tmp_path / "src")
+    files, backend, job = large_job
     victim = os.fsencode(tmp_path / "src" / "odd-tail.bin").lstrip(b"/")
-    reader = JobReader(backend, job)
-    _, entries = reader.manifest()
-    entry = next(e for e in entries if e.path == victim)
-    ext = entry.extents[3]
-    chunk = reader.chunks_of(ext.object_name)[ext.chunk_index]
-    sha = bytes.hex(__import__("base64").b64decode(chunk.checksum))
-    f = backend.root / "chunks" / sha[:2] / sha
-    f.write_bytes(f.read_bytes()[:-1] + b"\x00")
+    _corrupt_chunk_of(backend, job, victim, extent=3)
     out = tmp_path / "out"
     started = time.monotonic()
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
