@@ -409,12 +409,12 @@ class _Run:
     def new_object(self) -> _Object:
         return self.start_object(self.next_name())
 
-    def submit_chunk(self, obj: _Object, index: int, data: bytes | bytearray) -> None:
+    def submit_chunk(self, obj: _Object, index: int, data: bytes) -> None:
         with obj.lock:
             obj.pending += 1
         self.cpu.submit(self._encode, obj, index, data)
 
-    def _encode(self, obj: _Object, index: int, data: bytes | bytearray) -> None:
+    def _encode(self, obj: _Object, index: int, data: bytes) -> None:
         self.coordinator.check()
         stored = encode(data, self.options.compression_level)
         self.uploads.submit(self._put, obj, index, stored, chunk_checksum(stored))
@@ -460,10 +460,10 @@ class _Run:
             metadata_blob_checksum_algorithm=CHUNK_ALGORITHM,
         )
 
-    def put_single(self, name: str, data: bytes | bytearray, metadata: str | None) -> None:
+    def put_single(self, name: str, data: bytes, metadata: str | None) -> None:
         self.cpu.submit(self._encode_single, name, data, metadata)
 
-    def _encode_single(self, name: str, data: bytes | bytearray, metadata: str | None) -> None:
+    def _encode_single(self, name: str, data: bytes, metadata: str | None) -> None:
         self.coordinator.check()
         stored = encode(data, self.options.compression_level)
         self.uploads.submit(self._put_single, name, stored, chunk_checksum(stored), metadata)
@@ -587,10 +587,10 @@ class _Chunker:
         self._run = run
         self._extents = extents
         self._obj: _Object | None = None
-        self._first: tuple[int, bytes | bytearray] | None = None
+        self._first: tuple[int, bytes] | None = None
         self._index = 0
 
-    def add(self, file_offset: int, data: bytes | bytearray) -> None:
+    def add(self, file_offset: int, data: bytes) -> None:
         if self._obj is None:
             if self._first is None:
                 self._first = (file_offset, data)
@@ -600,7 +600,7 @@ class _Chunker:
             self._first = None
         self._submit(file_offset, data)
 
-    def _submit(self, file_offset: int, data: bytes | bytearray) -> None:
+    def _submit(self, file_offset: int, data: bytes) -> None:
         assert self._obj is not None
         self._run.submit_chunk(self._obj, self._index, data)
         self._extents.append(Extent(file_offset, self._obj.name, self._index, 0, len(data)))
