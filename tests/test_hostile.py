@@ -65,7 +65,15 @@ from .server_helpers import (
     signed_headers,
 )
 from .storage_helpers import crafted_job, put_small
-from .test_backup import CLI, KiB, MiB, peak_rss_mib, without_read_override, xattrs_supported
+from .test_backup import (
+    CLI,
+    KiB,
+    MiB,
+    evict_from_page_cache,
+    peak_rss_mib,
+    without_read_override,
+    xattrs_supported,
+)
 
 GiB = 1024 * MiB
 
@@ -796,6 +804,36 @@ def test_a_file_that_changes_while_the_backup_runs(tmp_path: Path, change: str) 
         assert (inside(out, src) / "b-victim").read_bytes() == victim.read_bytes()
         del restored[b"b-victim"], expected[b"b-victim"]
     assert restored == expected
+
+
+def test_a_small_file_that_grows_before_it_is_read(tmp_path: Path) -> None:
+    # A small file that is not in the page cache is opened and set aside while
+    # the kernel reads it ahead; it grows before its turn comes. The scanner's
+    # open of the last file waits (fanotify) until the victim has grown.
+    src = tmp_path / "src"
+    (src / "c-later").mkdir(parents=True)
+    victim = src / "b-victim"
+    victim.write_bytes(b"as scanned\n" * 100)
+    (src / "c-later" / "x").write_bytes(b"after the victim")
+    (src / "d-last").write_bytes(os.urandom(5000))
+    assert evict_from_page_cache(victim)
+
+    def grow() -> None:
+        with victim.open("ab") as f:
+            f.write(b"grown while the backup ran\n" * 1000)
+
+    repo = tmp_path / "repo"
+    gate = OpenGate(src / "d-last", src / "c-later", grow)
+    assert gate.exact, "fanotify is needed to hold the scanner at the right moment"
+    try:
+        code, job, err = backup(src, repo)
+    finally:
+        gate.close()
+    assert gate.acted.is_set()
+    assert code == 3, err
+    assert str(victim) in err and "changed while it was read" in err
+    out = restore(job, repo, tmp_path / "out")
+    assert (inside(out, src) / "b-victim").read_bytes() == victim.read_bytes()
 
 
 def test_unreadable_files_and_directories(tmp_path: Path) -> None:
