@@ -631,13 +631,18 @@ def _io(fn: Callable[..., Any], *args: Any) -> Any:
         raise _Unreadable(exc.strerror or str(exc)) from None
 
 
+def _noatime(open_: Callable[[int], int], flags: int) -> int:
+    """``open_(flags)``, without updating the file's atime where that is allowed."""
+    try:
+        return open_(flags | getattr(os, "O_NOATIME", 0))
+    except OSError:  # O_NOATIME needs ownership; retry without it, failing for real
+        return open_(flags)
+
+
 def _open(entry: Entry) -> int:
     """Open a regular file for reading, without following a link, without updating its atime."""
     flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        return open_path(entry.source, flags | getattr(os, "O_NOATIME", 0))
-    except OSError:  # O_NOATIME needs ownership; retry without it, failing for real
-        return int(_io(open_path, entry.source, flags))
+    return int(_io(_noatime, lambda f: open_path(entry.source, f), flags))
 
 
 class _FileReader:
@@ -669,20 +674,27 @@ class _FileReader:
         if fd is None:
             fd = _open(entry)
         try:
-            h = xxhash.xxh3_128()
             if entry.size < opts.pack_threshold and not _has_holes(fd, entry.size, entry.blocks):
                 # A small file is read whole at once; the scan's stat is its "before".
                 data = _io(os.pread, fd, opts.pack_threshold, 0)
-                h.update(data)
-                run.read_bytes(len(data))
-                self._finish(entry, m, len(data), h, None, _io(os.fstat, fd))
-                if data:
-                    run.packer.add(data, m)
+                self.pack(entry, m, data, _io(os.fstat, fd))
             else:
-                self._read_large(fd, entry, _io(os.fstat, fd), h, m)
+                self._read_large(fd, entry, _io(os.fstat, fd), xxhash.xxh3_128(), m)
         finally:
             os.close(fd)
         return m
+
+    def pack(
+        self, entry: Entry, m: ManifestEntry, data: bytes | memoryview, after: os.stat_result
+    ) -> None:
+        """Complete ``m`` for a small file read whole (``data``) and put it in a pack."""
+        import xxhash
+
+        run = self.run
+        run.read_bytes(len(data))
+        self._finish(entry, m, len(data), xxhash.xxh3_128(data), None, after)
+        if data:
+            run.packer.add(data, m)
 
     def _finish(
         self,
@@ -746,13 +758,8 @@ class _FileReader:
         if fraction is None or fraction >= 0.5:
             return None
         path = f"/proc/self/fd/{fd}"
-        flags = os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT
         try:
-            return os.open(path, flags | getattr(os, "O_NOATIME", 0))
-        except OSError:
-            pass
-        try:
-            return os.open(path, flags)  # O_NOATIME needs ownership
+            return _noatime(lambda f: os.open(path, f), os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError:
             run.direct_reads = False  # refused here, or no /proc: read through the cache
             return None
@@ -776,15 +783,15 @@ class _FileReader:
             while end is None or pos < end:
                 run.coordinator.check()
                 want = chunk_size if end is None else min(chunk_size, end - pos)
-                direct = dfd is not None and run.direct_reads and pos % ALIGN == 0
-                if direct and dfd is not None:
+                direct = run.direct_reads and pos % ALIGN == 0
+                if dfd is not None and direct:
                     try:
                         data = pread_direct(dfd, want, pos)
                     except OSError as exc:
                         if not refused(exc):
                             raise _Unreadable(exc.strerror or str(exc)) from None
                         run.direct_reads = direct = False  # read through the cache from here on
-                if not direct:
+                if dfd is None or not direct:
                     data = _io(os.pread, fd, want, pos)
                 if not data:
                     break
@@ -865,7 +872,6 @@ class _SmallFiles:
         Anything out of the ordinary (an error, a short read, holes, a file
         that grew) also returns False: the ordinary path handles and reports it.
         """
-        import xxhash
 
         if not self._nowait:
             return False
@@ -890,11 +896,7 @@ class _SmallFiles:
             return False
         m = _manifest_entry(entry)
         with memoryview(self._buf) as view, view[:n] as data:
-            h = xxhash.xxh3_128(data)
-            run.read_bytes(n)
-            self._reader._finish(entry, m, n, h, None, after)
-            if n:
-                run.packer.add(data, m)
+            self._reader.pack(entry, m, data, after)
         run.file_done(n)
         self._manifest.complete(seq, m)
         return True

@@ -294,7 +294,7 @@ class _Pending:
     """xxh3-128 of the content when one piece wrote it all."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     hasher: _InOrderHash | None = None
-    """Hashes the pieces in file order when there are several (or none)."""
+    """Hashes the pieces in file order; None when one piece is the whole file."""
     direct_fd: int | None = None
     """The same file opened with O_DIRECT, for its aligned pieces."""
 
@@ -637,8 +637,7 @@ class _Restore:
             self._write(p, piece, file_offset)
             if p.hasher is not None:
                 p.hasher.add(file_offset, piece)
-            elif _written_whole(p.entry):
-                # The whole file in one piece: hash the bytes just written, not a read-back.
+            else:  # the whole file in one piece: hash the bytes just written
                 p.digest = xxhash.xxh3_128_hexdigest(piece)
             written += length
         with self._lock:
