@@ -2,25 +2,31 @@
 
 Algorithm
 ---------
-The manifest is streamed in batches (at most ``batch_files`` files or
-``batch_bytes`` of data). For each batch:
+The manifest is streamed by one thread, which creates directories, applies
+the overwrite policy and gathers files in batches (at most ``batch_files``
+files or ``batch_bytes`` of data). For each batch:
 
-1. Each selected file is created under a temporary name (``.cryo-<random>``)
-   in its target directory and sized with ``ftruncate`` (holes stay holes).
-2. The batch's extents are grouped by (data object, chunk): every needed chunk
-   is fetched **once**, by ``connections`` parallel workers, its SHA-256
-   checked against the listed checksum before it is decoded, and its slices
-   written with ``os.pwrite`` at their file offsets, in any order; files of
-   ``DIRECT_MIN_SIZE`` or more are written with direct I/O (their aligned
-   part), around the page cache (:mod:`cryo.directio`). A chunk that fails
-   its checksum is fetched once more; if it fails again, the files that
-   need it are reported and left out, and the restore goes on.
-3. Each file's xxh3-128 is computed over the bytes written, in file order
+1. The batch's extents are grouped by (data object, chunk) and every needed
+   chunk is queued **once**; the queue is bounded, so the manifest reader
+   waits when ``connections`` fetch workers lag. The next batch is gathered
+   while this one is fetched.
+2. A worker fetches the chunk, checks its SHA-256 against the listed checksum
+   before decoding it, and writes its slices into every file that needs them,
+   with ``os.pwrite`` at their file offsets, in any order. The first piece
+   written to a file creates it under a temporary name (``.cryo-restore-...``)
+   in its target directory, sized with ``ftruncate`` when it has holes (holes
+   stay holes). Files of ``DIRECT_MIN_SIZE`` or more are written with direct
+   I/O (their aligned part), around the page cache (:mod:`cryo.directio`). A
+   chunk that fails its checksum is fetched once more; if it fails again, the
+   files that need it are reported and left out, and the restore goes on.
+3. Each file's xxh3-128 is computed over its bytes in file order
    (``_InOrderHash``: a piece that arrives early waits, and fetches run at
-   most ``HASH_WINDOW`` bytes ahead of the hashed prefix), and compared with
-   the manifest's; only then does the file get its owner, mode, extended
-   attributes and times, and is renamed to its final name. A corrupt or
-   partial file never sits under a real name.
+   most ``HASH_WINDOW`` bytes ahead of the hashed prefix) and compared with
+   the manifest's; a file that is one piece is checked in memory before it is
+   even created. Only a file that matches gets its owner, mode, extended
+   attributes and times, and is renamed to its final name, by the worker that
+   wrote (or gave up on) its last piece. A corrupt or partial file never sits
+   under a real name, and a file is never read back.
 
 Directories are created as they come (owner-only at first) and get their
 final mode, owner and times last, deepest first, so restoring files into them
@@ -199,6 +205,8 @@ class _Dirs:
         self._lock = threading.Lock()
         self.fresh: set[bytes] = set()
         """Directories this restore made (or found empty): nothing in them predates it."""
+        self._pins: dict[int, int] = {}
+        """Descriptors in use by files in flight: never closed by ``trim``."""
 
     def is_fresh(self, parts: list[bytes]) -> bool:
         return b"/".join(parts) in self.fresh
@@ -266,11 +274,29 @@ class _Dirs:
         with self._lock:
             return list(self._cache.values())
 
-    def trim(self, keep: int = 256) -> None:
-        """Close cached descriptors beyond ``keep``; call only between operations."""
+    def pin(self, fd: int) -> None:
         with self._lock:
-            while len(self._cache) > keep:
-                os.close(self._cache.pop(next(iter(self._cache))))
+            self._pins[fd] = self._pins.get(fd, 0) + 1
+
+    def unpin(self, fd: int) -> None:
+        with self._lock:
+            n = self._pins.pop(fd) - 1
+            if n:
+                self._pins[fd] = n
+
+    def trim(self, keep: int = 256) -> None:
+        """Once over twice ``keep``, close the oldest unpinned cached descriptors down to ``keep``.
+
+        Call from the thread that opens directories (the only one that adds).
+        """
+        with self._lock:
+            if len(self._cache) <= 2 * keep:
+                return
+            for key in list(self._cache):
+                if len(self._cache) <= keep:
+                    break
+                if self._cache[key] not in self._pins:
+                    os.close(self._cache.pop(key))
 
     def close(self) -> None:
         with self._lock:
@@ -279,19 +305,26 @@ class _Dirs:
             self._cache.clear()
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class _Pending:
-    """A file being restored under a temporary name."""
+    """A file being restored under a temporary name.
+
+    The first piece written creates the temporary; whoever accounts for the
+    last piece (written, or given up on) finishes the file.
+    """
 
     entry: ManifestEntry
     parts: list[bytes]
     dir_fd: int
-    """Borrowed from the directory cache (not closed here)."""
+    """Borrowed from the directory cache, pinned there until the file is finished."""
     temp: bytes
-    fd: int
+    remaining: int
+    """Pieces not yet written or given up on."""
+    fd: int = -1
+    """The temporary, once created."""
     failed: str | None = None
     digest: str | None = None
-    """xxh3-128 of the content when one piece wrote it all."""
+    """xxh3-128 of the content when one piece is the whole file."""
     lock: threading.Lock = field(default_factory=threading.Lock)
     hasher: _InOrderHash | None = None
     """Hashes the pieces in file order; None when one piece is the whole file."""
@@ -300,9 +333,10 @@ class _Pending:
 
     def close(self) -> None:
         for fd in (self.fd, self.direct_fd):
-            if fd is not None:
+            if fd is not None and fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+        self.fd = -1
         self.direct_fd = None
 
 
@@ -403,6 +437,13 @@ class _Restore:
         """Whether large files are written around the page cache (until the file system refuses)."""
         self._temp_names = itertools.count()
         self._temp_prefix = _TEMP_PREFIX + secrets.token_hex(4).encode()
+        self._writers = threading.Semaphore(min(options.connections, os.cpu_count() or 1))
+        """Workers writing files at once: one per CPU (more only add hand-offs of the GIL)."""
+        self._open_files: set[_Pending] = set()
+        """Files whose temporary exists and is not finished yet."""
+        self.pool = BoundedExecutor(
+            options.connections, options.connections * 2, self.coordinator, "fetch"
+        )
 
     def fail(self, path: bytes, message: str) -> None:
         w = FileWarning(path.decode("utf-8", "backslashreplace"), message)
@@ -473,7 +514,7 @@ class _Restore:
                     with self._lock:
                         self.dirs.fresh.add(b"/".join(parts))
             else:
-                _sweep_temporaries(self.dirs.open(parts, create=False))
+                _sweep_temporaries(self.dirs.open(parts, create=False), self._temp_prefix)
             self.dirs_meta.append((parts, entry))
             return
         if self._keep_existing(dir_fd, name, entry):
@@ -541,35 +582,50 @@ class _Restore:
         """A name no other temporary of this restore has (a run's prefix and a counter)."""
         return b"%s%08x.tmp" % (self._temp_prefix, next(self._temp_names))
 
-    def open_file(self, parts: list[bytes], entry: ManifestEntry) -> _Pending | None:
+    def add_file(self, parts: list[bytes], entry: ManifestEntry) -> _Pending | None:
+        """A file to restore; None when there is nothing to fetch for it.
+
+        Runs in the thread that reads the manifest: the file's directory, the
+        overwrite policy, and files without data (empty, or all holes), which
+        are finished at once. The fetch workers create and finish the others.
+        """
         dir_fd = self.dirs.open(parts[:-1], create=True)
         if not self.dirs.is_fresh(parts[:-1]) and self._keep_existing(dir_fd, parts[-1], entry):
             with self._lock:
                 self.skipped += 1
                 self.bytes_kept += entry.size
             return None
-        temp = self._temp_name()
-        fd = os.open(
-            temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=dir_fd,
-        )  # fmt: skip
-        try:
-            if not _written_whole(entry):
-                os.ftruncate(fd, entry.size)  # holes stay holes; a size too large fails here
-        except OSError as exc:
-            os.close(fd)
-            os.unlink(temp, dir_fd=dir_fd)
-            if exc.errno not in (errno.EFBIG, errno.EINVAL):
-                raise
-            self.fail(entry.path, f"not restored: {exc.strerror} ({entry.size} bytes)")
-            return None
-        # dir_fd stays open: the cache is trimmed only between batches.
-        p = _Pending(entry, parts, dir_fd, temp, fd)
-        if not _written_whole(entry):
+        self.dirs.pin(dir_fd)
+        p = _Pending(entry, parts, dir_fd, self._temp_name(), remaining=len(entry.extents))
+        if not (len(entry.extents) == 1 and _written_whole(entry)):
             p.hasher = _InOrderHash([e.file_offset for e in entry.extents], entry.size, HASH_WINDOW)
-        if self._direct and entry.size >= DIRECT_MIN_SIZE:
-            p.direct_fd = self._open_direct(temp, dir_fd)
-        return p
+        if entry.extents:
+            return p
+        with p.lock:
+            self._create(p)
+        self.finish_file(p)
+        return None
+
+    def _create(self, p: _Pending) -> None:
+        """Create ``p``'s temporary (sized, when it has holes); call with ``p.lock`` held."""
+        fd = os.open(
+            p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            dir_fd=p.dir_fd,
+        )  # fmt: skip
+        p.fd = fd
+        with self._lock:
+            self._open_files.add(p)
+        size = p.entry.size
+        if not _written_whole(p.entry):
+            try:
+                os.ftruncate(fd, size)  # holes stay holes; a size too large fails here
+            except OSError as exc:
+                if exc.errno not in (errno.EFBIG, errno.EINVAL):
+                    raise
+                self._give_up(p, f"{exc.strerror} ({size} bytes)")
+                return
+        if self._direct and size >= DIRECT_MIN_SIZE:
+            p.direct_fd = self._open_direct(p.temp, p.dir_fd)
 
     def _open_direct(self, temp: bytes, dir_fd: int) -> int | None:
         """The temporary again, for direct writes; None writes it through the page cache."""
@@ -582,35 +638,52 @@ class _Restore:
                 self._direct = False  # this file system writes through the page cache only
             return None  # any other failure (no descriptor left...): this file only
 
+    def _give_up(self, p: _Pending, why: str) -> None:
+        """Mark ``p`` as not restorable (the first reason stays)."""
+        if p.failed is None:
+            p.failed = why
+        if p.hasher is not None:
+            p.hasher.fail()
+
+    def _account(self, p: _Pending) -> None:
+        """One more of ``p``'s pieces is written or given up on; the last finishes it."""
+        with p.lock:
+            p.remaining -= 1
+            last = p.remaining == 0
+        if last:
+            self.finish_file(p)
+
     def finish_file(self, p: _Pending) -> None:
+        """Verify, then metadata and the final name; or report the file and remove it."""
         try:
             if p.failed is None:
-                if p.hasher is not None:
-                    digest = p.hasher.hexdigest()
-                elif p.digest is not None:
-                    digest = p.digest
-                else:
-                    digest = _xxh3_fd(p.fd, p.entry.size)
+                digest = p.hasher.hexdigest() if p.hasher is not None else p.digest
                 if digest != p.entry.xxh3:
                     p.failed = "content does not match its xxh3-128 checksum"
             if p.failed is not None:
                 self.fail(p.entry.path, f"not restored: {p.failed}")
-                os.unlink(p.temp, dir_fd=p.dir_fd)
+                if p.fd >= 0:
+                    os.unlink(p.temp, dir_fd=p.dir_fd)
                 return
             self._finish(p.dir_fd, p.temp, p.parts[-1], p.entry, fd=p.fd)
             with self._lock:
                 self.files += 1
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(p.temp, dir_fd=p.dir_fd)
+            if p.fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(p.temp, dir_fd=p.dir_fd)
             raise
         finally:
-            p.close()
+            self._release(p)
+
+    def _release(self, p: _Pending) -> None:
+        p.close()
+        with self._lock:
+            self._open_files.discard(p)
+        self.dirs.unpin(p.dir_fd)
 
     def fetch(self, key: tuple[str, int], users: list[tuple[_Pending, int, int, int]]) -> None:
         """Fetch one chunk and write its slices into every file that needs it."""
-        import xxhash
-
         self.coordinator.check()
         name, index = key
         try:
@@ -621,27 +694,46 @@ class _Restore:
         except CorruptData as exc:
             for p, *_ in users:
                 with p.lock:
-                    p.failed = str(exc)
-                if p.hasher is not None:
-                    p.hasher.fail()
+                    self._give_up(p, str(exc))
+                self._account(p)
             return
         written = 0
-        for p, file_offset, chunk_offset, length in users:
-            piece = memoryview(data)[chunk_offset : chunk_offset + length]
-            if len(piece) != length:
-                with p.lock:
-                    p.failed = f"chunk {index} of {name!r} is shorter than its extent"
-                if p.hasher is not None:
-                    p.hasher.fail()
-                continue
-            self._write(p, piece, file_offset)
-            if p.hasher is not None:
-                p.hasher.add(file_offset, piece)
-            else:  # the whole file in one piece: hash the bytes just written
-                p.digest = xxhash.xxh3_128_hexdigest(piece)
-            written += length
+        with self._writers:
+            for p, file_offset, chunk_offset, length in users:
+                piece = memoryview(data)[chunk_offset : chunk_offset + length]
+                if len(piece) != length:
+                    with p.lock:
+                        self._give_up(p, f"chunk {index} of {name!r} is shorter than its extent")
+                elif p.hasher is None:
+                    self._write_whole(p, piece)
+                    written += length
+                else:
+                    self._write_piece(p, piece, file_offset)
+                    written += length
+                self._account(p)
         with self._lock:
             self.bytes_written += written
+
+    def _write_whole(self, p: _Pending, piece: memoryview) -> None:
+        """A file that is one piece: checked in memory first, so a bad one is never created."""
+        import xxhash
+
+        p.digest = xxhash.xxh3_128_hexdigest(piece)
+        if p.digest != p.entry.xxh3:
+            return  # finish_file reports it
+        with p.lock:
+            self._create(p)
+        self._write(p, piece, 0)
+
+    def _write_piece(self, p: _Pending, piece: memoryview, offset: int) -> None:
+        assert p.hasher is not None
+        with p.lock:
+            if p.fd < 0 and p.failed is None:
+                self._create(p)
+            if p.failed is not None:
+                return
+        self._write(p, piece, offset)
+        p.hasher.add(offset, piece)
 
     def _write(self, p: _Pending, piece: memoryview, offset: int) -> None:
         """Write ``piece`` at ``offset``: its aligned part around the page cache if possible."""
@@ -662,45 +754,35 @@ class _Restore:
                 raise OSError(errno.EIO, "the file system wrote nothing")
             piece, offset = piece[n:], offset + n
 
-    def restore_batch(self, batch: list[tuple[list[bytes], ManifestEntry]]) -> None:
-        pending: list[_Pending] = []
-        try:
-            for parts, entry in batch:
-                try:
-                    p = self.open_file(parts, entry)
-                except UnsafePath as exc:
-                    self.fail(entry.path, str(exc))
-                    continue
-                if p is not None:
-                    pending.append(p)
-            by_chunk: dict[tuple[str, int], list[tuple[_Pending, int, int, int]]] = defaultdict(
-                list
-            )
-            for p in pending:
-                for e in p.entry.extents:
-                    by_chunk[(e.object_name, e.chunk_index)].append(
-                        (p, e.file_offset, e.chunk_offset, e.length)
-                    )
-            pool = BoundedExecutor(
-                self.options.connections, self.options.connections * 2, self.coordinator, "fetch"
-            )
-            try:
-                check = self.coordinator.check
-                for key, users in by_chunk.items():
-                    for p, file_offset, _, _ in users:
-                        if p.hasher is not None:
-                            p.hasher.wait_turn(file_offset, pool.busy, check)
-                    pool.submit(self.fetch, key, users)
-            finally:
-                pool.shutdown(wait=True)
-            self.coordinator.raise_if_failed()
-            while pending:
-                self.finish_file(pending.pop())
-        finally:
-            for p in pending:
-                p.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(p.temp, dir_fd=p.dir_fd)
+    def submit(self, batch: list[_Pending]) -> None:
+        """Queue the fetches of ``batch``'s chunks, each chunk once for all its files."""
+        by_chunk: dict[tuple[str, int], list[tuple[_Pending, int, int, int]]] = defaultdict(list)
+        for p in batch:
+            for e in p.entry.extents:
+                by_chunk[(e.object_name, e.chunk_index)].append(
+                    (p, e.file_offset, e.chunk_offset, e.length)
+                )
+        pool, check = self.pool, self.coordinator.check
+        for key, users in by_chunk.items():
+            for p, file_offset, _, _ in users:
+                if p.hasher is not None:
+                    p.hasher.wait_turn(file_offset, pool.busy, check)
+            pool.submit(self.fetch, key, users)
+
+    def drain(self) -> None:
+        """Wait for every fetch; re-raise the first fatal error."""
+        self.pool.shutdown(wait=True)
+        self.coordinator.raise_if_failed()
+
+    def abandon(self, exc: BaseException) -> None:
+        """Stop the fetches and remove every temporary still open (after a fatal error)."""
+        self.coordinator.fail(exc)
+        self.pool.shutdown(wait=True)
+        for p in list(self._open_files):
+            with contextlib.suppress(OSError):
+                os.unlink(p.temp, dir_fd=p.dir_fd)
+            self._release(p)
+        self.remove_own_temporaries()
 
     def link(self, parts: list[bytes], entry: ManifestEntry) -> None:
         if entry.target is None:
@@ -757,8 +839,8 @@ class _Restore:
     def remove_own_temporaries(self) -> None:
         """Unlink this run's temporaries: an interrupted run leaves none behind.
 
-        A temporary lives only in a directory that is open at that moment (the
-        cache is trimmed between entries, never while a batch is in flight).
+        A temporary lives only in a directory that is open at that moment (a
+        file in flight pins its directory's descriptor in the cache).
         """
         prefix = os.fsdecode(self._temp_prefix)
         for fd in [self.root_fd, *self.dirs.cached()]:
@@ -769,6 +851,7 @@ class _Restore:
                     os.unlink(name, dir_fd=fd)
 
     def close(self) -> None:
+        self.pool.shutdown(wait=True)
         self.dirs.close()
         os.close(self.root_fd)
 
@@ -781,12 +864,12 @@ def _written_whole(entry: ManifestEntry) -> bool:
     return len(extents) == 1 and extents[0].file_offset == 0 and extents[0].length == entry.size
 
 
-def _sweep_temporaries(dir_fd: int) -> None:
-    """Remove files an interrupted restore left under temporary names."""
+def _sweep_temporaries(dir_fd: int, own_prefix: bytes) -> None:
+    """Remove files an interrupted restore left under temporary names (not this run's)."""
     with os.scandir(dir_fd) as it:
         names = [os.fsencode(d.name) for d in it if d.is_file(follow_symlinks=False)]
     for name in names:
-        if _TEMP_RE.match(name):
+        if _TEMP_RE.match(name) and not name.startswith(own_prefix):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dir_fd)
 
@@ -900,7 +983,7 @@ def run_restore(
     ticker.start()
     try:
         _, entries = r.reader.manifest()
-        batch: list[tuple[list[bytes], ManifestEntry]] = []
+        batch: list[_Pending] = []
         batch_bytes = 0
         for entry in entries:
             if not r.selected(entry):
@@ -913,10 +996,12 @@ def run_restore(
                 continue
             try:
                 if entry.kind == "f":
-                    batch.append((parts, entry))
-                    batch_bytes += entry.size
+                    p = r.add_file(parts, entry)
+                    if p is not None:
+                        batch.append(p)
+                        batch_bytes += entry.size
                     if len(batch) >= options.batch_files or batch_bytes >= options.batch_bytes:
-                        r.restore_batch(batch)
+                        r.submit(batch)
                         batch, batch_bytes = [], 0
                 elif entry.kind == "h":
                     r.hardlinks.append((parts, entry))
@@ -925,15 +1010,16 @@ def run_restore(
             except UnsafePath as exc:
                 r.fail(entry.path, str(exc))
         if batch:
-            r.restore_batch(batch)
+            r.submit(batch)
+        r.drain()
         for parts, entry in r.hardlinks:
             try:
                 r.link(parts, entry)
             except UnsafePath as exc:
                 r.fail(entry.path, str(exc))
         r.finish_dirs()
-    except BaseException:
-        r.remove_own_temporaries()
+    except BaseException as exc:
+        r.abandon(exc)
         raise
     finally:
         stop.set()

@@ -234,6 +234,29 @@ def test_interrupted_restore_resumes_with_if_changed(tmp_path: Path) -> None:
             assert (prefix / p.relative_to(src)).read_bytes() == p.read_bytes()
 
 
+def test_files_land_in_their_own_directories_while_the_descriptor_cache_turns_over(
+    tmp_path: Path,
+) -> None:
+    # More directories than the restore keeps open, one file in each, and whole
+    # batches in flight: a directory's descriptor stays open while its file is
+    # written, so no file is written through a descriptor reused for another.
+    src = tmp_path / "src"
+    for d in range(1300):
+        (src / f"d{d:04}").mkdir(parents=True)
+        (src / f"d{d:04}" / "f").write_bytes(b"%d " % d * (1 + d % 7))
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    out = tmp_path / "out"
+    summary = run_restore(
+        backend, job, RestoreOptions(target=os.fsencode(out), connections=2, batch_files=600)
+    )
+    assert summary.failures == ()
+    prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    for d in range(1300):
+        assert sorted(os.listdir(prefix / f"d{d:04}")) == ["f"]
+        assert (prefix / f"d{d:04}" / "f").read_bytes() == b"%d " % d * (1 + d % 7)
+
+
 def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:
     _, job = backup_tree(tmp_path, tree)
     rel = os.fsdecode(os.fsencode(tree / "dir" / "text.log").lstrip(b"/"))
