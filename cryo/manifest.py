@@ -25,12 +25,14 @@ from typing import Any
 
 import orjson
 
+from cryo.errors import CryoError
+
 FORMAT = "cryo-manifest"
 VERSION = 1
 MANIFEST_OBJECT = "manifest"
 
 
-class ManifestError(ValueError):
+class ManifestError(CryoError, ValueError):
     """A manifest that cannot be read as cryo wrote it."""
 
 
@@ -139,31 +141,44 @@ class ManifestEntry:
 
     @classmethod
     def from_json(cls, r: dict[str, Any]) -> ManifestEntry:
-        path = get_bytes(r, "p")
-        if path is None or "t" not in r:
+        get = r.get
+        p = get("p")
+        path = p.encode("utf-8") if type(p) is str else get_bytes(r, "p")
+        kind = get("t")
+        if path is None or kind is None:
             raise ManifestError("entry without path or type")
-        return cls(
-            path=path,
-            kind=str(r["t"]),
-            mode=int(r.get("m", 0)),
-            uid=int(r.get("u", 0)),
-            gid=int(r.get("g", 0)),
-            user=r.get("un"),
-            group=r.get("gn"),
-            mtime_ns=int(r.get("mt", 0)),
-            ctime_ns=int(r.get("ct", 0)),
-            ino=int(r.get("ino", 0)),
-            dev=int(r.get("dev", 0)),
-            size=int(r.get("s", 0)),
-            rdev=int(r.get("rd", 0)),
-            target=get_bytes(r, "l"),
-            xattrs={base64.b64decode(k): base64.b64decode(v) for k, v in r.get("x", [])},
-            extents=[
-                Extent(int(a), str(b), int(c), int(d), int(e)) for a, b, c, d, e in r.get("d", [])
-            ],
-            xxh3=r.get("xx"),
-            warning=r.get("w"),
-        )
+        x = get("x")
+        d = get("d")
+        try:
+            return cls(
+                path,
+                str(kind),
+                _int(get("m", 0)),
+                _int(get("u", 0)),
+                _int(get("g", 0)),
+                get("un"),
+                get("gn"),
+                _int(get("mt", 0)),
+                _int(get("ct", 0)),
+                _int(get("ino", 0)),
+                _int(get("dev", 0)),
+                _int(get("s", 0)),
+                _int(get("rd", 0)),
+                get_bytes(r, "l") if "l" in r or "lb" in r else None,
+                {base64.b64decode(k): base64.b64decode(v) for k, v in x} if x else {},
+                [Extent(_int(a), str(b), _int(c), _int(d), _int(e)) for a, b, c, d, e in d]
+                if d
+                else [],
+                get("xx"),
+                get("w"),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ManifestError(f"manifest entry with a malformed field: {exc}") from None
+
+
+def _int(v: Any) -> int:
+    """``v`` as an int: JSON gives ints already; anything else is converted or refused."""
+    return v if type(v) is int else int(v)
 
 
 def _dumps(record: dict[str, Any]) -> str:

@@ -116,17 +116,19 @@ class RestoreSummary:
     seconds: float
 
 
+_BAD_PARTS = frozenset((b"", b".", b".."))
+
+
 def check_path(path: bytes) -> list[bytes]:
     """The components of a job path, or UnsafePath."""
-    shown = path.decode("utf-8", "backslashreplace")
-    if not path or path.startswith(b"/"):
-        raise UnsafePath(f"refusing absolute or empty path {shown!r}")
-    if b"\x00" in path:
-        raise UnsafePath(f"refusing path with a NUL byte {shown!r}")
     parts = path.split(b"/")
-    for p in parts:
-        if p in (b"", b".", b".."):
-            raise UnsafePath(f"refusing path with an empty, '.' or '..' component {shown!r}")
+    if not path or not _BAD_PARTS.isdisjoint(parts) or b"\x00" in path:
+        shown = path.decode("utf-8", "backslashreplace")
+        if not path or path.startswith(b"/"):
+            raise UnsafePath(f"refusing absolute or empty path {shown!r}")
+        if b"\x00" in path:
+            raise UnsafePath(f"refusing path with a NUL byte {shown!r}")
+        raise UnsafePath(f"refusing path with an empty, '.' or '..' component {shown!r}")
     return parts
 
 
@@ -146,12 +148,11 @@ def check_entry(entry: ManifestEntry) -> list[bytes]:
     damaged entry is refused by name while the rest of the job is restored.
     """
     parts = check_path(entry.path)
-    shown = entry.path.decode("utf-8", "backslashreplace")
 
     def bad(what: str) -> BadEntry:
-        return BadEntry(f"refusing {shown!r}: {what}")
+        return BadEntry(f"refusing {entry.path.decode('utf-8', 'backslashreplace')!r}: {what}")
 
-    if any(len(p) > _NAME_MAX for p in parts):
+    if max(map(len, parts)) > _NAME_MAX:
         raise bad(f"a name is longer than {_NAME_MAX} bytes")
     if entry.kind not in _KINDS:
         raise bad(f"unknown kind {entry.kind!r}")

@@ -199,6 +199,21 @@ def test_hostile_paths_are_refused(tmp_path: Path) -> None:
     assert os.readlink(out / "link") == os.fsencode(outside).decode()
 
 
+def test_a_manifest_with_a_malformed_field_fails_in_one_line(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "repo")
+    bad = _file(b"f", b"data")
+    bad.mode = "rw-r--r--"  # type: ignore[assignment]  # what a damaged manifest may say
+    job = crafted_job(backend, [bad], b"data")
+    out = tmp_path / "out"
+    r = run_cli("restore", job, "--repo", str(tmp_path / "repo"), "--to", str(out))
+    assert r.returncode == 1
+    assert r.stderr.decode().strip() == (
+        "cryo: manifest entry with a malformed field: "
+        "invalid literal for int() with base 10: 'rw-r--r--'"
+    )
+    assert not (out / "f").exists()
+
+
 def test_interrupted_restore_resumes_with_if_changed(tmp_path: Path) -> None:
     src = tmp_path / "src"
     for d in range(20):
