@@ -11,6 +11,7 @@ import pytest
 from cryo.storage.chunkstore import FileChunkStore
 
 from .storage_helpers import refuse_direct_io
+from .test_backup import cached_share, evict_from_page_cache
 
 MiB = 1024 * 1024
 LENGTHS = [0, 1, 511, 4095, 4096, 4097, MiB - 1, MiB, MiB + 1, 3 * MiB + 5, 4 * MiB]
@@ -51,6 +52,33 @@ def test_a_file_system_without_direct_io_gets_ordinary_writes(
     key = _store_in_pieces(store, data, random.Random(2))
     assert store.get(key) == data
     assert store.direct is False  # not tried again for every chunk
+
+
+def test_chunk_files_on_disk_are_read_without_filling_the_page_cache(tmp_path: Path) -> None:
+    store = FileChunkStore(tmp_path)
+    rng = random.Random(3)
+    for length in (MiB, MiB + 1, 3 * MiB + 5, 4 * MiB):
+        data = rng.randbytes(length)
+        key = _store_in_pieces(store, data, rng)
+        path = store.path_of(key)
+        assert evict_from_page_cache(path)
+        assert store.get(key) == data
+        assert cached_share(path) == 0.0
+        path.read_bytes()
+        assert cached_share(path) == 1.0
+        assert store.get(key) == data  # a cached file: the ordinary read
+
+
+def test_a_chunk_file_on_disk_is_read_where_direct_reads_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileChunkStore(tmp_path)
+    data = random.Random(4).randbytes(2 * MiB + 7)
+    key = _store_in_pieces(store, data, random.Random(5))
+    assert evict_from_page_cache(store.path_of(key))
+    refuse_direct_io(monkeypatch)
+    assert store.get(key) == data
+    assert store.direct is False
 
 
 def test_aborted_writer_leaves_nothing(tmp_path: Path) -> None:

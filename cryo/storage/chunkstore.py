@@ -8,7 +8,8 @@ reader ever sees a partial chunk under its key.
 ``FileChunkStore`` keeps one file per chunk, ``chunks/ab/<sha256>``. A write
 goes to a temporary file under ``tmp/`` (named after the writing process),
 with direct I/O where the file system allows it, is fsynced, renamed into
-place, and the directory is fsynced. Temporary files left by processes that
+place, and the directory is fsynced; a chunk file found mostly outside the
+page cache is read with direct I/O too. Temporary files left by processes that
 died are removed when the store is opened.
 
 An object-store implementation (S3 and compatible) satisfies the same
@@ -26,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from cryo.directio import ALIGN, BUFFERS, STAGE, refused
+from cryo.directio import ALIGN, BUFFERS, STAGE, cached_fraction, pread_direct, refused
 
 
 class ChunkWriter(Protocol):
@@ -184,6 +185,22 @@ class _FileWriter:
             self._tmp.unlink()
 
 
+def _read_all(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of ``fd`` (fewer if the file is shorter)."""
+    data = os.pread(fd, size, 0)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.pread(fd, size - got, got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
 def _write_all(fd: int, view: memoryview) -> None:
     while view:
         view = view[os.write(fd, view) :]
@@ -236,7 +253,46 @@ class FileChunkStore:
             raise
 
     def get(self, key: str) -> bytes:
-        return self.path_of(key).read_bytes()
+        """The chunk file's bytes; one mostly outside the page cache is read around it.
+
+        Chunk files are written around the cache, so a restore usually finds
+        them on disk: reading them with ``O_DIRECT`` saves the page allocation
+        and copy per page (1.3 GiB cold: 0.8 s of system time through the
+        cache here, 0.2 s around it) and evicts nothing the machine keeps.
+        """
+        path = self.path_of(key)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if self.direct and size >= ALIGN:
+                share = cached_fraction(fd)
+                if share is not None and share < 0.5:
+                    data = self._read_direct(path, size)
+                    if data is not None:
+                        return data
+            return _read_all(fd, size)
+        finally:
+            os.close(fd)
+
+    def _read_direct(self, path: Path, size: int) -> bytes | None:
+        """``size`` bytes read with ``O_DIRECT``; None if the file system refuses it."""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
+        except OSError as exc:
+            if refused(exc):
+                self.direct = False
+                return None
+            raise
+        try:
+            data = pread_direct(fd, size, 0)
+        except OSError as exc:
+            if not refused(exc):
+                raise
+            self.direct = False
+            return None
+        finally:
+            os.close(fd)
+        return data
 
     def open(self, key: str) -> BinaryIO:
         return self.path_of(key).open("rb")

@@ -1077,10 +1077,14 @@ class LocalBackend:
         return f, min(length, os.fstat(f.fileno()).st_size), checksum_of_hex(sha)
 
     def get_chunk(self, storage_job_id: str, chunk_token: str) -> ChunkData:
-        f, length, checksum = self.open_chunk(storage_job_id, chunk_token)
-        with f:
-            data = f.read()
-        return ChunkData(data, length, checksum, CHUNK_ALGORITHM)
+        sha, length = self._chunk_row(storage_job_id, chunk_token)
+        try:
+            data = self._engine.store.get(sha)
+        except FileNotFoundError:
+            raise ResourceNotFoundException(
+                f"the data of chunk {chunk_token} is missing from the repository"
+            ) from None
+        return ChunkData(data, min(length, len(data)), checksum_of_hex(sha), CHUNK_ALGORITHM)
 
     def get_object_metadata(self, storage_job_id: str, object_token: str) -> ObjectMetadata:
         with self._engine.read() as conn:
