@@ -144,11 +144,11 @@ class ManifestEntry:
         get = r.get
         p = get("p")
         path = p.encode("utf-8") if type(p) is str else get_bytes(r, "p")
-        kind = get("t")
-        if path is None or kind is None:
+        if path is None or "t" not in r:
             raise ManifestError("entry without path or type")
+        kind = r["t"]
         x = get("x")
-        d = get("d")
+        extents = get("d")
         try:
             return cls(
                 path,
@@ -166,8 +166,8 @@ class ManifestEntry:
                 _int(get("rd", 0)),
                 get_bytes(r, "l") if "l" in r or "lb" in r else None,
                 {base64.b64decode(k): base64.b64decode(v) for k, v in x} if x else {},
-                [Extent(_int(a), str(b), _int(c), _int(d), _int(e)) for a, b, c, d, e in d]
-                if d
+                [Extent(_int(a), str(b), _int(c), _int(d), _int(e)) for a, b, c, d, e in extents]
+                if extents
                 else [],
                 get("xx"),
                 get("w"),

@@ -207,6 +207,7 @@ class _Dirs:
         self.fresh: set[bytes] = set()
         """Directories this restore made (or found empty): nothing in them predates it."""
         self._pins: dict[int, int] = {}
+        self._trim_at = 0
         """Descriptors in use by files in flight: never closed by ``trim``."""
 
     def is_fresh(self, parts: list[bytes]) -> bool:
@@ -291,13 +292,14 @@ class _Dirs:
         Call from the thread that opens directories (the only one that adds).
         """
         with self._lock:
-            if len(self._cache) <= 2 * keep:
+            if len(self._cache) <= max(2 * keep, self._trim_at):
                 return
             for key in list(self._cache):
                 if len(self._cache) <= keep:
                     break
                 if self._cache[key] not in self._pins:
                     os.close(self._cache.pop(key))
+            self._trim_at = len(self._cache) + keep  # what is pinned now: not rescanned each call
 
     def close(self) -> None:
         with self._lock:
@@ -438,7 +440,7 @@ class _Restore:
         """Whether large files are written around the page cache (until the file system refuses)."""
         self._temp_names = itertools.count()
         self._temp_prefix = _TEMP_PREFIX + secrets.token_hex(4).encode()
-        self._writers = threading.Semaphore(min(options.connections, os.cpu_count() or 1))
+        self._writers = threading.Semaphore(min(options.connections, len(os.sched_getaffinity(0))))
         """Workers writing files at once: one per CPU (more only add hand-offs of the GIL)."""
         self._open_files: set[_Pending] = set()
         """Files whose temporary exists and is not finished yet."""
@@ -625,7 +627,7 @@ class _Restore:
                     raise
                 self._give_up(p, f"{exc.strerror} ({size} bytes)")
                 return
-        if self._direct and size >= DIRECT_MIN_SIZE:
+        if self._direct and size >= DIRECT_MIN_SIZE and p.entry.extents:
             p.direct_fd = self._open_direct(p.temp, p.dir_fd)
 
     def _open_direct(self, temp: bytes, dir_fd: int) -> int | None:
@@ -699,42 +701,48 @@ class _Restore:
                 self._account(p)
             return
         written = 0
-        with self._writers:
+        # Many files from one chunk: per-file system calls, one writer per CPU. One
+        # piece of one file: a large write that keeps the disk busy, not the GIL.
+        with self._writers if len(users) > 1 else contextlib.nullcontext():
             for p, file_offset, chunk_offset, length in users:
                 piece = memoryview(data)[chunk_offset : chunk_offset + length]
                 if len(piece) != length:
                     with p.lock:
                         self._give_up(p, f"chunk {index} of {name!r} is shorter than its extent")
                 elif p.hasher is None:
-                    self._write_whole(p, piece)
-                    written += length
+                    written += self._write_whole(p, piece)
                 else:
-                    self._write_piece(p, piece, file_offset)
-                    written += length
+                    written += self._write_piece(p, piece, file_offset)
                 self._account(p)
         with self._lock:
             self.bytes_written += written
 
-    def _write_whole(self, p: _Pending, piece: memoryview) -> None:
-        """A file that is one piece: checked in memory first, so a bad one is never created."""
+    def _write_whole(self, p: _Pending, piece: memoryview) -> int:
+        """A file that is one piece: checked in memory first, so a bad one is never created.
+
+        Returns the bytes written.
+        """
         import xxhash
 
         p.digest = xxhash.xxh3_128_hexdigest(piece)
         if p.digest != p.entry.xxh3:
-            return  # finish_file reports it
+            return 0  # finish_file reports it
         with p.lock:
             self._create(p)
         self._write(p, piece, 0)
+        return len(piece)
 
-    def _write_piece(self, p: _Pending, piece: memoryview, offset: int) -> None:
+    def _write_piece(self, p: _Pending, piece: memoryview, offset: int) -> int:
+        """One piece of a file of several (or with holes); returns the bytes written."""
         assert p.hasher is not None
         with p.lock:
             if p.fd < 0 and p.failed is None:
                 self._create(p)
             if p.failed is not None:
-                return
+                return 0
         self._write(p, piece, offset)
         p.hasher.add(offset, piece)
+        return len(piece)
 
     def _write(self, p: _Pending, piece: memoryview, offset: int) -> None:
         """Write ``piece`` at ``offset``: its aligned part around the page cache if possible."""
@@ -987,6 +995,7 @@ def run_restore(
         batch: list[_Pending] = []
         batch_bytes = 0
         for entry in entries:
+            r.coordinator.raise_if_failed()  # a fetch worker's fatal error stops the reading
             if not r.selected(entry):
                 continue
             r.dirs.trim()

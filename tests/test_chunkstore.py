@@ -78,7 +78,7 @@ def test_a_chunk_file_on_disk_is_read_where_direct_reads_are_refused(
     assert evict_from_page_cache(store.path_of(key))
     refuse_direct_io(monkeypatch)
     assert store.get(key) == data
-    assert store.direct is False
+    assert store.direct_reads is False
 
 
 def test_aborted_writer_leaves_nothing(tmp_path: Path) -> None:

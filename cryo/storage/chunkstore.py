@@ -217,6 +217,8 @@ class FileChunkStore:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.direct = direct and hasattr(os, "O_DIRECT")
         """Whether writers try direct I/O (cleared once the file system refuses it)."""
+        self.direct_reads = self.direct
+        """Whether cold chunk files are read with direct I/O (likewise)."""
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
@@ -264,11 +266,11 @@ class FileChunkStore:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             size = os.fstat(fd).st_size
-            if self.direct and size >= ALIGN:
+            if self.direct_reads and size >= ALIGN:
                 share = cached_fraction(fd)
                 if share is not None and share < 0.5:
                     data = self._read_direct(path, size)
-                    if data is not None:
+                    if data is not None and len(data) == size:
                         return data
             return _read_all(fd, size)
         finally:
@@ -280,7 +282,7 @@ class FileChunkStore:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as exc:
             if refused(exc):
-                self.direct = False
+                self.direct_reads = False
                 return None
             raise
         try:
@@ -288,7 +290,7 @@ class FileChunkStore:
         except OSError as exc:
             if not refused(exc):
                 raise
-            self.direct = False
+            self.direct_reads = False
             return None
         finally:
             os.close(fd)
