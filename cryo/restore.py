@@ -97,7 +97,7 @@ class RestoreOptions:
     includes: tuple[bytes, ...] = ()
     excludes: tuple[bytes, ...] = ()
     overwrite: str | None = None
-    connections: int = 8
+    connections: int = 4
     batch_files: int = 512
     batch_bytes: int = 256 * 1024 * 1024
     owners: bool = field(default_factory=lambda: os.geteuid() == 0)

@@ -68,7 +68,14 @@ def restore(
         str | None,
         typer.Option(help="Existing files: never, if-changed or always.", show_default=False),
     ] = None,
-    connections: Annotated[int, typer.Option(help="Chunks fetched in parallel.", min=1)] = 8,
+    connections: Annotated[
+        int,
+        typer.Option(
+            help="Chunks fetched and written in parallel. More hides a slow network "
+            "but holds more chunks in memory.",
+            min=1,
+        ),
+    ] = 4,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines: progress, summary.")] = False,
 ) -> None:
