@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from cryo.checksums import hash_zeros
-from cryo.directio import ALIGN, pwrite_direct, refused
+from cryo.directio import ALIGN, preallocate, pwrite_direct, refused
 from cryo.errors import CryoError
 from cryo.events import EventSink, FileWarning, Progress, ignore
 from cryo.executor import BoundedExecutor, Coordinator
@@ -629,6 +629,8 @@ class _Restore:
                 return
         if self._direct and size >= DIRECT_MIN_SIZE and p.entry.extents:
             p.direct_fd = self._open_direct(p.temp, p.dir_fd)
+            if p.direct_fd is not None and sum(e.length for e in p.entry.extents) == size:
+                preallocate(fd, size)  # a file without holes: its pieces written side by side
 
     def _open_direct(self, temp: bytes, dir_fd: int) -> int | None:
         """The temporary again, for direct writes; None writes it through the page cache."""
