@@ -58,6 +58,12 @@ class JobReader:
             data = self.backend.get_chunk(self.job_id, c.chunk_token).data
         except ResourceNotFoundException as exc:  # listed, yet its data is gone
             raise CorruptData(f"chunk {index} of {name!r} cannot be read: {exc}") from None
+        except (ConnectionError, TimeoutError):
+            raise
+        except OSError as exc:  # the repository's own disk (a bad sector...)
+            raise CorruptData(
+                f"chunk {index} of {name!r} cannot be read: {exc.strerror or exc}"
+            ) from None
         if b64_of_digest(hashlib.sha256(data).digest()) != c.checksum:
             raise CorruptData(f"chunk {index} of {name!r} fails its SHA-256 checksum")
         return bytes(data)

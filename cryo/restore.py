@@ -64,7 +64,7 @@ from cryo.checksums import hash_zeros
 from cryo.directio import ALIGN, preallocate, pwrite_direct, refused
 from cryo.errors import CryoError
 from cryo.events import EventSink, FileWarning, Progress, ignore
-from cryo.executor import BoundedExecutor, Coordinator
+from cryo.executor import BoundedExecutor, Cancelled, Coordinator
 from cryo.jobreader import CorruptData, JobReader
 from cryo.jobs import int_attribute
 from cryo.manifest import ManifestEntry
@@ -89,6 +89,10 @@ class BadEntry(UnsafePath):
 
 class TargetNotEmpty(CryoError):
     """The target directory has content and no overwrite policy was given."""
+
+
+class WriteFailed(CryoError):
+    """The target cannot take the restore (full, read-only, failing): nothing more is written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1032,6 +1036,15 @@ def run_restore(
         r.finish_dirs()
     except BaseException as exc:
         r.abandon(exc)
+        cause = r.coordinator.error if isinstance(exc, Cancelled) else exc
+        if isinstance(cause, OSError):  # the target file system, seen by any thread
+            raise WriteFailed(
+                f"cannot write under {os.fsdecode(options.target)}: "
+                f"{cause.strerror or cause}; the files restored so far are complete, "
+                "the others were not written"
+            ) from cause
+        if cause is not None and cause is not exc:
+            raise cause from None  # a fetch worker's error, not the Cancelled it caused here
         raise
     finally:
         stop.set()

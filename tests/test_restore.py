@@ -3,6 +3,7 @@ hostile jobs refused, interrupted restores resumed."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -16,7 +17,8 @@ import pytest
 from cryo.backup import BackupOptions, run_backup
 from cryo.jobreader import JobReader
 from cryo.manifest import Extent, ManifestEntry
-from cryo.restore import RestoreOptions, run_restore
+from cryo.restore import RestoreOptions, WriteFailed, run_restore
+from cryo.storage.chunkstore import FileChunkStore
 from cryo.storage.local import LocalBackend
 
 from .storage_helpers import crafted_job, refuse_direct_io
@@ -153,6 +155,63 @@ def test_corrupt_chunk_is_named_and_never_restored(tmp_path: Path, tree: Path) -
     assert os.fsdecode(victim).encode() in v.stderr
     ok = run_cli("verify", job, "--repo", str(tmp_path / "repo"))
     assert ok.returncode == 0  # structure is sound; only the data is bad
+
+
+def test_an_unreadable_chunk_file_is_named_and_the_rest_restored(
+    tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bad sector under the repository: reading the chunk file fails with EIO.
+    backend, job = backup_tree(tmp_path, tree)
+    victim = os.fsencode(tree / "dir" / "nested" / "random.bin").lstrip(b"/")
+    bad = _corrupt_chunk_of(backend, job, victim).name
+    real_get = FileChunkStore.get
+
+    def failing_get(self: FileChunkStore, key: str) -> bytes:
+        if key == bad:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_get(self, key)
+
+    monkeypatch.setattr(FileChunkStore, "get", failing_get)
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert [f.path for f in summary.failures] == [os.fsdecode(victim)]
+    assert "Input/output error" in summary.failures[0].message
+    assert not (out / os.fsdecode(victim)).exists()
+    assert (out / os.fsdecode(victim)).parent.parent.joinpath("text.log").read_bytes() == (
+        tree / "dir" / "text.log"
+    ).read_bytes()
+
+
+def test_a_full_target_stops_the_restore_in_one_line_and_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    for d in range(8):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(60):
+            (src / f"d{d}" / f"f{i}").write_bytes(b"%d/%d " % (d, i) * 300)
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    real_pwrite = os.pwrite
+    writes = []
+
+    def filling_pwrite(fd: int, data: bytes, offset: int) -> int:
+        writes.append(fd)
+        if len(writes) > 100:  # the file system is full from the 101st file on
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", filling_pwrite)
+    out = tmp_path / "out"
+    with pytest.raises(WriteFailed, match="No space left on device") as failed:
+        run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert str(failed.value).startswith(f"cannot write under {out}: No space left on device")
+    assert list(out.rglob(".cryo-*")) == []  # no temporary left behind
+    prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    restored = [p for p in prefix.rglob("f*") if p.is_file()]
+    assert 0 < len(restored) <= 100
+    for p in restored:  # what is there under a real name is whole
+        assert p.read_bytes() == (src / p.relative_to(prefix)).read_bytes()
 
 
 def test_verify_read_data_passes_on_a_clean_job(tmp_path: Path, tree: Path) -> None:
