@@ -1071,9 +1071,7 @@ class LocalBackend:
         try:
             f = self._engine.store.open(sha)
         except FileNotFoundError:
-            raise ResourceNotFoundException(
-                f"the data of chunk {chunk_token} is missing from the repository"
-            ) from None
+            raise _chunk_data_missing(chunk_token) from None
         return f, min(length, os.fstat(f.fileno()).st_size), checksum_of_hex(sha)
 
     def get_chunk(self, storage_job_id: str, chunk_token: str) -> ChunkData:
@@ -1081,9 +1079,7 @@ class LocalBackend:
         try:
             data = self._engine.store.get(sha)
         except FileNotFoundError:
-            raise ResourceNotFoundException(
-                f"the data of chunk {chunk_token} is missing from the repository"
-            ) from None
+            raise _chunk_data_missing(chunk_token) from None
         return ChunkData(data, min(length, len(data)), checksum_of_hex(sha), CHUNK_ALGORITHM)
 
     def get_object_metadata(self, storage_job_id: str, object_token: str) -> ObjectMetadata:
@@ -1298,3 +1294,10 @@ class LocalBackend:
             conn.execute("UPDATE jobs SET status = ? WHERE seq = ?", (JOB_DELETED, seq))
             self._release_objects(conn, object_ids)
         self._process_trash()
+
+
+def _chunk_data_missing(chunk_token: str) -> ResourceNotFoundException:
+    """A listed chunk whose file is gone: no retry can bring it back."""
+    return ResourceNotFoundException(
+        f"the data of chunk {chunk_token} is missing from the repository"
+    )
