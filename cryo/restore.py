@@ -295,9 +295,9 @@ class _Dirs:
 
         Call from the thread that opens directories (the only one that adds).
         """
+        if len(self._cache) <= max(2 * keep, self._trim_at):
+            return  # the common case, without the lock the workers' unpin takes
         with self._lock:
-            if len(self._cache) <= max(2 * keep, self._trim_at):
-                return
             for key in list(self._cache):
                 if len(self._cache) <= keep:
                     break
