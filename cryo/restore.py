@@ -337,6 +337,8 @@ class _Pending:
     """Hashes the pieces in file order; None when one piece is the whole file."""
     direct_fd: int | None = None
     """The same file opened with O_DIRECT, for its aligned pieces."""
+    created_with_mode: bool = False
+    """The temporary was created with the entry's mode (no chmod needed)."""
 
     def close(self) -> None:
         for fd in (self.fd, self.direct_fd):
@@ -446,6 +448,10 @@ class _Restore:
         self._temp_prefix = _TEMP_PREFIX + secrets.token_hex(4).encode()
         self._writers = threading.Semaphore(min(options.connections, len(os.sched_getaffinity(0))))
         """Workers writing files at once: one per CPU (more only add hand-offs of the GIL)."""
+        self._umask = _current_umask()
+        self._ids = (os.geteuid(), os.getegid())
+        self._new_file_gid: dict[bytes, int] = {}
+        """By directory: the group a file created there gets (a setgid directory's own)."""
         self._open_files: set[_Pending] = set()
         """Files whose temporary exists and is not finished yet."""
         self.pool = BoundedExecutor(
@@ -546,17 +552,29 @@ class _Restore:
         self._finish(dir_fd, temp, name, entry, fd=None)
 
     def _finish(
-        self, dir_fd: int, temp: bytes, name: bytes, entry: ManifestEntry, fd: int | None
+        self,
+        dir_fd: int,
+        temp: bytes,
+        name: bytes,
+        entry: ManifestEntry,
+        fd: int | None,
+        created: tuple[int, int] | None = None,
+        mode_set: bool = False,
     ) -> None:
-        """Metadata, then rename into place."""
+        """Metadata, then rename into place.
+
+        ``created``: the owner the file was created with (no chown when it is
+        already the entry's); ``mode_set``: it was created with its mode.
+        """
         is_link = entry.kind == "l"
         if self.options.owners:
             uid, gid = _owner_ids(entry)
-            with contextlib.suppress(OSError):
-                if fd is not None:
-                    os.fchown(fd, uid, gid)
-                else:
-                    os.chown(temp, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            if created != (uid, gid):
+                with contextlib.suppress(OSError):
+                    if fd is not None:
+                        os.fchown(fd, uid, gid)
+                    else:
+                        os.chown(temp, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         if not is_link:
             # Extended attributes before the mode: a read-only file takes none from an
             # unprivileged process.
@@ -566,7 +584,9 @@ class _Restore:
                         os.setxattr(fd, k, v)
                     else:
                         os.setxattr(_proc_path(dir_fd, temp), k, v, follow_symlinks=False)
-            if fd is not None:
+            if mode_set:
+                pass  # created with it
+            elif fd is not None:
                 os.fchmod(fd, entry.mode)
             else:
                 os.chmod(temp, entry.mode, dir_fd=dir_fd)
@@ -614,10 +634,18 @@ class _Restore:
         return None
 
     def _create(self, p: _Pending) -> None:
-        """Create ``p``'s temporary (sized, when it has holes); call with ``p.lock`` held."""
+        """Create ``p``'s temporary (sized, when it has holes); call with ``p.lock`` held.
+
+        A plain mode (no set-id or sticky bit, nothing the umask takes away, no
+        extended attributes to set first) is given at creation, saving a chmod.
+        """
+        mode = p.entry.mode
+        p.created_with_mode = (
+            self._umask is not None and not mode & (0o7000 | self._umask) and not p.entry.xattrs
+        )
         fd = os.open(
-            p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=p.dir_fd,
+            p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+            mode if p.created_with_mode else 0o600, dir_fd=p.dir_fd,
         )  # fmt: skip
         p.fd = fd
         with self._lock:
@@ -674,7 +702,11 @@ class _Restore:
                 if p.fd >= 0:
                     os.unlink(p.temp, dir_fd=p.dir_fd)
                 return
-            self._finish(p.dir_fd, p.temp, p.parts[-1], p.entry, fd=p.fd)
+            self._finish(
+                p.dir_fd, p.temp, p.parts[-1], p.entry, fd=p.fd,
+                created=self._created_owner(p) if self.options.owners else None,
+                mode_set=p.created_with_mode,
+            )  # fmt: skip
             with self._lock:
                 self.files += 1
         except BaseException:
@@ -684,6 +716,16 @@ class _Restore:
             raise
         finally:
             self._release(p)
+
+    def _created_owner(self, p: _Pending) -> tuple[int, int]:
+        """The owner of a new file in ``p``'s directory: ours, or a setgid directory's group."""
+        key = b"/".join(p.parts[:-1])
+        gid = self._new_file_gid.get(key)
+        if gid is None:
+            st = os.fstat(p.dir_fd)
+            gid = st.st_gid if st.st_mode & stat.S_ISGID else self._ids[1]
+            self._new_file_gid[key] = gid
+        return self._ids[0], gid
 
     def _release(self, p: _Pending) -> None:
         p.close()
@@ -869,6 +911,18 @@ class _Restore:
         self.pool.shutdown(wait=True)
         self.dirs.close()
         os.close(self.root_fd)
+
+
+def _current_umask() -> int | None:
+    """This process's umask, read without changing it (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _written_whole(entry: ManifestEntry) -> bool:
