@@ -450,8 +450,8 @@ class _Restore:
         """Workers writing files at once: one per CPU (more only add hand-offs of the GIL)."""
         self._umask = _current_umask()
         self._ids = (os.geteuid(), os.getegid())
-        self._new_file_gid: dict[bytes, int] = {}
-        """By directory: the group a file created there gets (a setgid directory's own)."""
+        self._dir_facts: dict[bytes, tuple[int, bool]] = {}
+        """By directory: the group a new file there gets, and whether it has a default ACL."""
         self._open_files: set[_Pending] = set()
         """Files whose temporary exists and is not finished yet."""
         self.pool = BoundedExecutor(
@@ -641,7 +641,10 @@ class _Restore:
         """
         mode = p.entry.mode
         p.created_with_mode = (
-            self._umask is not None and not mode & (0o7000 | self._umask) and not p.entry.xattrs
+            self._umask is not None
+            and not mode & (0o7000 | self._umask)
+            and not p.entry.xattrs
+            and not self._facts_of_dir(p)[1]  # a default ACL, not the umask, would set it
         )
         fd = os.open(
             p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -717,15 +720,25 @@ class _Restore:
         finally:
             self._release(p)
 
-    def _created_owner(self, p: _Pending) -> tuple[int, int]:
-        """The owner of a new file in ``p``'s directory: ours, or a setgid directory's group."""
+    def _facts_of_dir(self, p: _Pending) -> tuple[int, bool]:
+        """For ``p``'s directory: the group a new file gets (ours, or a setgid
+        directory's), and whether a default ACL decides new files' modes."""
         key = b"/".join(p.parts[:-1])
-        gid = self._new_file_gid.get(key)
-        if gid is None:
+        facts = self._dir_facts.get(key)
+        if facts is None:
             st = os.fstat(p.dir_fd)
             gid = st.st_gid if st.st_mode & stat.S_ISGID else self._ids[1]
-            self._new_file_gid[key] = gid
-        return self._ids[0], gid
+            try:
+                os.getxattr(p.dir_fd, "system.posix_acl_default")
+                acl = True
+            except OSError as exc:  # none, or none possible here; anything else: assume one
+                acl = exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP)
+            facts = self._dir_facts[key] = (gid, acl)
+        return facts
+
+    def _created_owner(self, p: _Pending) -> tuple[int, int]:
+        """The owner a new file in ``p``'s directory got."""
+        return self._ids[0], self._facts_of_dir(p)[0]
 
     def _release(self, p: _Pending) -> None:
         p.close()

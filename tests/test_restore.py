@@ -128,6 +128,36 @@ def test_modes_and_owners_come_back_exactly_whatever_the_umask_and_target(
         assert (prefix / name).read_bytes() == name.encode() * 100
 
 
+def test_modes_come_back_exactly_into_a_directory_with_a_default_acl(tmp_path: Path) -> None:
+    # A default ACL, not the umask, decides the mode of a new file (here: nothing
+    # for others, no write for the group); the restore must still set the entry's.
+    import struct
+
+    src = tmp_path / "src"
+    src.mkdir()
+    modes = {"plain": 0o644, "open": 0o666, "exec": 0o755}
+    for name, mode in modes.items():
+        (src / name).write_bytes(name.encode())
+        os.chmod(src / name, mode)
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    out = tmp_path / "out"
+    out.mkdir()
+    undefined = 0xFFFFFFFF
+    acl = struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, undefined) for tag, perm in ((1, 7), (4, 5), (0x20, 0))
+    )  # version 2; user::rwx, group::r-x, other::---
+    os.setxattr(out, "system.posix_acl_default", acl)
+    (out / "probe").touch()  # the ACL is in force: a new file's mode follows it
+    assert stat.S_IMODE(os.stat(out / "probe").st_mode) == 0o640
+    os.unlink(out / "probe")
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out), overwrite="always"))
+    assert summary.failures == ()
+    prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    for name, mode in modes.items():
+        assert stat.S_IMODE(os.lstat(prefix / name).st_mode) == mode, name
+
+
 def test_include_and_exclude(tmp_path: Path, tree: Path) -> None:
     backend, job = backup_tree(tmp_path, tree)
     prefix = os.fsdecode(os.fsencode(tree).lstrip(b"/"))
