@@ -138,7 +138,8 @@ def preallocate(fd: int, size: int) -> bool:
             import ctypes
 
             try:
-                fn = ctypes.CDLL(None, use_errno=True).fallocate
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = getattr(libc, "fallocate64", None) or libc.fallocate  # a 64-bit off_t
             except (OSError, AttributeError):
                 pass
             else:
@@ -147,12 +148,14 @@ def preallocate(fd: int, size: int) -> bool:
     if _fallocate is False or size <= 0:
         return False
     ctypes, fn = _fallocate
-    if fn(fd, 0, 0, size) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-        return False
-    raise OSError(err, os.strerror(err))
+    while fn(fd, 0, 0, size) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            continue
+        if err in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise OSError(err, os.strerror(err))
+    return True
 
 
 _CACHESTAT = 451

@@ -9,6 +9,7 @@ and ``verify``.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,11 @@ from cryo.encoding import EncodingError, decode
 from cryo.errors import CryoError, ResourceNotFoundException
 from cryo.manifest import MANIFEST_OBJECT, ManifestEntry, parse_lines, read_entries
 from cryo.storage.api import BackupObject, Chunk, iter_chunks, iter_objects
+
+_MEDIUM_ERRORS = frozenset(
+    (errno.EIO, errno.EBADMSG, getattr(errno, "EUCLEAN", 117), getattr(errno, "ENODATA", 61))
+)
+"""Errors reading a stored chunk that mean its data is damaged, not that reading failed."""
 
 
 class CorruptData(CryoError):
@@ -58,10 +64,10 @@ class JobReader:
             data = self.backend.get_chunk(self.job_id, c.chunk_token).data
         except ResourceNotFoundException as exc:  # listed, yet its data is gone
             raise CorruptData(f"chunk {index} of {name!r} cannot be read: {exc}") from None
-        except (ConnectionError, TimeoutError):
-            raise
-        except OSError as exc:  # the repository's own disk (a bad sector...)
-            raise CorruptData(
+        except OSError as exc:
+            if exc.errno not in _MEDIUM_ERRORS:
+                raise
+            raise CorruptData(  # the repository's own disk: a bad sector, a damaged block
                 f"chunk {index} of {name!r} cannot be read: {exc.strerror or exc}"
             ) from None
         if b64_of_digest(hashlib.sha256(data).digest()) != c.checksum:

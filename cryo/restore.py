@@ -91,6 +91,10 @@ class TargetNotEmpty(CryoError):
     """The target directory has content and no overwrite policy was given."""
 
 
+_TARGET_FULL = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS))
+"""Errors that only the target file system gives: it cannot take any more of the restore."""
+
+
 class WriteFailed(CryoError):
     """The target cannot take the restore (full, read-only, failing): nothing more is written."""
 
@@ -337,8 +341,6 @@ class _Pending:
     """Hashes the pieces in file order; None when one piece is the whole file."""
     direct_fd: int | None = None
     """The same file opened with O_DIRECT, for its aligned pieces."""
-    created_with_mode: bool = False
-    """The temporary was created with the entry's mode (no chmod needed)."""
 
     def close(self) -> None:
         for fd in (self.fd, self.direct_fd):
@@ -448,10 +450,6 @@ class _Restore:
         self._temp_prefix = _TEMP_PREFIX + secrets.token_hex(4).encode()
         self._writers = threading.Semaphore(min(options.connections, len(os.sched_getaffinity(0))))
         """Workers writing files at once: one per CPU (more only add hand-offs of the GIL)."""
-        self._umask = _current_umask()
-        self._ids = (os.geteuid(), os.getegid())
-        self._dir_facts: dict[bytes, tuple[int, bool]] = {}
-        """By directory: the group a new file there gets, and whether it has a default ACL."""
         self._open_files: set[_Pending] = set()
         """Files whose temporary exists and is not finished yet."""
         self.pool = BoundedExecutor(
@@ -552,29 +550,17 @@ class _Restore:
         self._finish(dir_fd, temp, name, entry, fd=None)
 
     def _finish(
-        self,
-        dir_fd: int,
-        temp: bytes,
-        name: bytes,
-        entry: ManifestEntry,
-        fd: int | None,
-        created: tuple[int, int] | None = None,
-        mode_set: bool = False,
+        self, dir_fd: int, temp: bytes, name: bytes, entry: ManifestEntry, fd: int | None
     ) -> None:
-        """Metadata, then rename into place.
-
-        ``created``: the owner the file was created with (no chown when it is
-        already the entry's); ``mode_set``: it was created with its mode.
-        """
+        """Metadata, then rename into place."""
         is_link = entry.kind == "l"
         if self.options.owners:
             uid, gid = _owner_ids(entry)
-            if created != (uid, gid):
-                with contextlib.suppress(OSError):
-                    if fd is not None:
-                        os.fchown(fd, uid, gid)
-                    else:
-                        os.chown(temp, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+            with contextlib.suppress(OSError):
+                if fd is not None:
+                    os.fchown(fd, uid, gid)
+                else:
+                    os.chown(temp, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         if not is_link:
             # Extended attributes before the mode: a read-only file takes none from an
             # unprivileged process.
@@ -584,9 +570,7 @@ class _Restore:
                         os.setxattr(fd, k, v)
                     else:
                         os.setxattr(_proc_path(dir_fd, temp), k, v, follow_symlinks=False)
-            if mode_set:
-                pass  # created with it
-            elif fd is not None:
+            if fd is not None:
                 os.fchmod(fd, entry.mode)
             else:
                 os.chmod(temp, entry.mode, dir_fd=dir_fd)
@@ -634,21 +618,10 @@ class _Restore:
         return None
 
     def _create(self, p: _Pending) -> None:
-        """Create ``p``'s temporary (sized, when it has holes); call with ``p.lock`` held.
-
-        A plain mode (no set-id or sticky bit, nothing the umask takes away, no
-        extended attributes to set first) is given at creation, saving a chmod.
-        """
-        mode = p.entry.mode
-        p.created_with_mode = (
-            self._umask is not None
-            and not mode & (0o7000 | self._umask)
-            and not p.entry.xattrs
-            and not self._facts_of_dir(p)[1]  # a default ACL, not the umask, would set it
-        )
+        """Create ``p``'s temporary (sized, when it has holes); call with ``p.lock`` held."""
         fd = os.open(
-            p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-            mode if p.created_with_mode else 0o600, dir_fd=p.dir_fd,
+            p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            dir_fd=p.dir_fd,
         )  # fmt: skip
         p.fd = fd
         with self._lock:
@@ -705,11 +678,7 @@ class _Restore:
                 if p.fd >= 0:
                     os.unlink(p.temp, dir_fd=p.dir_fd)
                 return
-            self._finish(
-                p.dir_fd, p.temp, p.parts[-1], p.entry, fd=p.fd,
-                created=self._created_owner(p) if self.options.owners else None,
-                mode_set=p.created_with_mode,
-            )  # fmt: skip
+            self._finish(p.dir_fd, p.temp, p.parts[-1], p.entry, fd=p.fd)
             with self._lock:
                 self.files += 1
         except BaseException:
@@ -719,26 +688,6 @@ class _Restore:
             raise
         finally:
             self._release(p)
-
-    def _facts_of_dir(self, p: _Pending) -> tuple[int, bool]:
-        """For ``p``'s directory: the group a new file gets (ours, or a setgid
-        directory's), and whether a default ACL decides new files' modes."""
-        key = b"/".join(p.parts[:-1])
-        facts = self._dir_facts.get(key)
-        if facts is None:
-            st = os.fstat(p.dir_fd)
-            gid = st.st_gid if st.st_mode & stat.S_ISGID else self._ids[1]
-            try:
-                os.getxattr(p.dir_fd, "system.posix_acl_default")
-                acl = True
-            except OSError as exc:  # none, or none possible here; anything else: assume one
-                acl = exc.errno not in (errno.ENODATA, errno.EOPNOTSUPP, errno.ENOTSUP)
-            facts = self._dir_facts[key] = (gid, acl)
-        return facts
-
-    def _created_owner(self, p: _Pending) -> tuple[int, int]:
-        """The owner a new file in ``p``'s directory got."""
-        return self._ids[0], self._facts_of_dir(p)[0]
 
     def _release(self, p: _Pending) -> None:
         p.close()
@@ -926,18 +875,6 @@ class _Restore:
         os.close(self.root_fd)
 
 
-def _current_umask() -> int | None:
-    """This process's umask, read without changing it (Linux); None where it cannot be read."""
-    try:
-        with open("/proc/self/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def _written_whole(entry: ManifestEntry) -> bool:
     """Whether one write of one extent makes the whole file (or it is empty)."""
     extents = entry.extents
@@ -1102,16 +1039,17 @@ def run_restore(
                 r.fail(entry.path, str(exc))
         r.finish_dirs()
     except BaseException as exc:
-        r.abandon(exc)
+        with contextlib.suppress(OSError):  # cleaning up must not hide why it stopped
+            r.abandon(exc)
         cause = r.coordinator.error if isinstance(exc, Cancelled) else exc
-        if isinstance(cause, OSError):  # the target file system, seen by any thread
+        if isinstance(cause, OSError) and cause.errno in _TARGET_FULL:
             raise WriteFailed(
                 f"cannot write under {os.fsdecode(options.target)}: "
                 f"{cause.strerror or cause}; the files restored so far are complete, "
                 "the others were not written"
             ) from cause
         if cause is not None and cause is not exc:
-            raise cause from None  # a fetch worker's error, not the Cancelled it caused here
+            raise cause from cause.__cause__  # the worker's error, not the Cancelled it caused
         raise
     finally:
         stop.set()
