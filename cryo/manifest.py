@@ -142,17 +142,15 @@ class ManifestEntry:
     @classmethod
     def from_json(cls, r: dict[str, Any]) -> ManifestEntry:
         get = r.get
-        p = get("p")
-        path = p.encode("utf-8") if type(p) is str else get_bytes(r, "p")
+        path = get_bytes(r, "p")
         if path is None or "t" not in r:
             raise ManifestError("entry without path or type")
-        kind = r["t"]
         x = get("x")
         extents = get("d")
         try:
             return cls(
                 path,
-                str(kind),
+                str(r["t"]),
                 _int(get("m", 0)),
                 _int(get("u", 0)),
                 _int(get("g", 0)),
@@ -164,7 +162,7 @@ class ManifestEntry:
                 _int(get("dev", 0)),
                 _int(get("s", 0)),
                 _int(get("rd", 0)),
-                get_bytes(r, "l") if "l" in r or "lb" in r else None,
+                get_bytes(r, "l"),
                 {base64.b64decode(k): base64.b64decode(v) for k, v in x} if x else {},
                 [Extent(_int(a), str(b), _int(c), _int(d), _int(e)) for a, b, c, d, e in extents]
                 if extents

@@ -96,7 +96,7 @@ _TARGET_FULL = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS))
 
 
 class WriteFailed(CryoError):
-    """The target cannot take the restore (full, read-only, failing): nothing more is written."""
+    """The target cannot take the restore (full, over quota, read-only): nothing more is written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +215,9 @@ class _Dirs:
         self.fresh: set[bytes] = set()
         """Directories this restore made (or found empty): nothing in them predates it."""
         self._pins: dict[int, int] = {}
-        self._trim_at = 0
         """Descriptors in use by files in flight: never closed by ``trim``."""
+        self._trim_at = 0
+        """The cache size at which ``trim`` next looks (past what was pinned last time)."""
 
     def is_fresh(self, parts: list[bytes]) -> bool:
         return b"/".join(parts) in self.fresh

@@ -187,18 +187,15 @@ class _FileWriter:
 
 def _read_all(fd: int, size: int) -> bytes:
     """The first ``size`` bytes of ``fd`` (fewer if the file is shorter)."""
-    data = os.pread(fd, size, 0)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    got = len(data)
+    parts: list[bytes] = []
+    got = 0
     while got < size:
         more = os.pread(fd, size - got, got)
         if not more:
             break
         parts.append(more)
         got += len(more)
-    return b"".join(parts)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -267,7 +264,7 @@ class FileChunkStore:
         try:
             size = os.fstat(fd).st_size
             if self.direct_reads and size >= ALIGN:
-                share = cached_fraction(fd)
+                share = cached_fraction(fd, size)
                 if share is not None and share < 0.5:
                     data = self._read_direct(path, size)
                     if data is not None and len(data) == size:
@@ -280,21 +277,15 @@ class FileChunkStore:
         """``size`` bytes read with ``O_DIRECT``; None if the file system refuses it."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except OSError as exc:
-            if refused(exc):
-                self.direct_reads = False
-                return None
-            raise
-        try:
-            data = pread_direct(fd, size, 0)
-        except OSError as exc:
+            try:
+                return pread_direct(fd, size, 0)
+            finally:
+                os.close(fd)
+        except OSError as exc:  # refused at the open or at the read
             if not refused(exc):
                 raise
             self.direct_reads = False
             return None
-        finally:
-            os.close(fd)
-        return data
 
     def open(self, key: str) -> BinaryIO:
         return self.path_of(key).open("rb")
