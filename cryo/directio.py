@@ -54,7 +54,9 @@ class BufferPool:
             free = self._free.get(size)
             if free:
                 return free.pop()
-        return mmap.mmap(-1, size)
+        # Private: an anonymous mapping is shared by default, and a forked process
+        # (a restore's helpers) would read into the very pages its parent reads into.
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def give(self, buf: mmap.mmap) -> None:
         with self._lock:

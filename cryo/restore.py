@@ -57,8 +57,8 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from dataclasses import dataclass, field, replace
+from typing import Any, BinaryIO, NamedTuple
 
 from cryo.checksums import hash_zeros
 from cryo.directio import ALIGN, preallocate, pwrite_direct, refused
@@ -69,9 +69,12 @@ from cryo.jobreader import CorruptData, JobReader
 from cryo.jobs import int_attribute
 from cryo.manifest import ManifestEntry
 from cryo.retry import RetryingBackend, RetryPolicy
+from cryo.team import Send, Team
 
 OVERWRITE_POLICIES = ("never", "if-changed", "always")
 _TEMP_PREFIX = b".cryo-restore-"
+DEFAULT_CONNECTIONS = 4
+"""Chunks in flight when one process restores (as fast as 8 here, with a third less memory)."""
 DIRECT_MIN_SIZE = 1024 * 1024
 """Files this large or larger are written with direct I/O (see :mod:`cryo.directio`)."""
 HASH_WINDOW = 32 * 1024 * 1024
@@ -105,10 +108,19 @@ class RestoreOptions:
     includes: tuple[bytes, ...] = ()
     excludes: tuple[bytes, ...] = ()
     overwrite: str | None = None
-    connections: int = 4
+    connections: int | None = None
+    """Chunks in flight (shared among the processes); None: ``DEFAULT_CONNECTIONS`` for
+    one process, one per process for several (the files, not the fetches, bound those)."""
     batch_files: int = 512
     batch_bytes: int = 256 * 1024 * 1024
     owners: bool = field(default_factory=lambda: os.geteuid() == 0)
+    processes: int = 1
+    """Processes restoring files side by side (needs ``open_backend``; see ``_Shard``)."""
+    files_per_process: int = 1024
+    """A job gets a process more per this many regular files, up to ``processes``."""
+    unit_files: int = 1024
+    unit_bytes: int = 32 * 1024 * 1024
+    """Files are dealt out to the processes in runs of about this many (see ``_Shard``)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -122,6 +134,17 @@ class RestoreSummary:
     retries: int
     failures: tuple[FileWarning, ...]
     seconds: float
+
+
+class _Counts(NamedTuple):
+    """What one process of a restore has done (helpers send theirs to the first)."""
+
+    files: int = 0
+    entries: int = 0
+    skipped: int = 0
+    bytes_written: int = 0
+    bytes_kept: int = 0
+    retries: int = 0
 
 
 _BAD_PARTS = frozenset((b"", b".", b".."))
@@ -214,13 +237,15 @@ class _Dirs:
         self._lock = threading.Lock()
         self.fresh: set[bytes] = set()
         """Directories this restore made (or found empty): nothing in them predates it."""
+        self.all_fresh = False
+        """The target was empty when the restore began: nothing under it predates it."""
         self._pins: dict[int, int] = {}
         """Descriptors in use by files in flight: never closed by ``trim``."""
         self._trim_at = 0
         """The cache size at which ``trim`` next looks (past what was pinned last time)."""
 
     def is_fresh(self, parts: list[bytes]) -> bool:
-        return b"/".join(parts) in self.fresh
+        return self.all_fresh or b"/".join(parts) in self.fresh
 
     def open(self, parts: list[bytes], create: bool) -> int:
         """fd of the directory ``parts`` (relative to the target)."""
@@ -422,7 +447,16 @@ class _InOrderHash:
 
 
 class _Restore:
-    def __init__(self, backend: Any, job_id: str, options: RestoreOptions, on_event: EventSink):
+    def __init__(
+        self,
+        backend: Any,
+        job_id: str,
+        options: RestoreOptions,
+        on_event: EventSink,
+        member: int = 0,
+        temp_prefix: bytes | None = None,
+        fresh: bool | None = None,
+    ) -> None:
         self.options = options
         self.on_event = on_event
         self.backend = RetryingBackend(backend, options.retry, on_event)
@@ -443,19 +477,27 @@ class _Restore:
         os.makedirs(options.target, exist_ok=True)
         self.root_fd = os.open(options.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dirs = _Dirs(self.root_fd)
-        if _target_is_empty(options.target):
-            self.dirs.fresh.add(b"")
+        self.dirs.all_fresh = _target_is_empty(options.target) if fresh is None else fresh
         self._direct = hasattr(os, "O_DIRECT")
         """Whether large files are written around the page cache (until the file system refuses)."""
-        self._temp_names = itertools.count()
-        self._temp_prefix = _TEMP_PREFIX + secrets.token_hex(4).encode()
-        self._writers = threading.Semaphore(min(options.connections, len(os.sched_getaffinity(0))))
-        """Workers writing files at once: one per CPU (more only add hand-offs of the GIL)."""
+        self._temp_names = itertools.count(member << 28)  # distinct names in every process
+        self._member = member
+        self._temp_prefix = temp_prefix or _TEMP_PREFIX + secrets.token_hex(4).encode()
+        self.helpers: dict[int, _Counts] = {}
+        """What each helper process has done so far (see ``_Counts``)."""
+        self.shared = False
+        """Helper processes restore part of the job (this is the first process)."""
         self._open_files: set[_Pending] = set()
         """Files whose temporary exists and is not finished yet."""
-        self.pool = BoundedExecutor(
-            options.connections, options.connections * 2, self.coordinator, "fetch"
-        )
+        self.reconfigure(options)
+
+    def reconfigure(self, options: RestoreOptions) -> None:
+        """Take ``options`` (their connections above all); only before the first fetch."""
+        self.options = options
+        connections = options.connections or DEFAULT_CONNECTIONS
+        self._writers = threading.Semaphore(min(connections, len(os.sched_getaffinity(0))))
+        """Workers writing files at once: one per CPU (more only add hand-offs of the GIL)."""
+        self.pool = BoundedExecutor(connections, connections * 2, self.coordinator, "fetch")
 
     def fail(self, path: bytes, message: str) -> None:
         w = FileWarning(path.decode("utf-8", "backslashreplace"), message)
@@ -463,17 +505,26 @@ class _Restore:
             self.failures.append(w)
         self.on_event(w)
 
-    def progress(self) -> Progress:
+    def counts(self) -> _Counts:
+        """This process's work so far, and its helpers'."""
         with self._lock:
-            return Progress(
-                "restore",
-                self.files,
-                self.bytes_written,
-                self.bytes_written,
-                bytes_done=self.bytes_written + self.bytes_kept,
-                files_total=self.files_total,
-                bytes_total=self.bytes_total,
-            )
+            own = _Counts(
+                self.files, self.entries, self.skipped, self.bytes_written, self.bytes_kept,
+                self.backend.retries,
+            )  # fmt: skip
+            return _Counts(*map(sum, zip(own, *self.helpers.values(), strict=True)))
+
+    def progress(self) -> Progress:
+        c = self.counts()
+        return Progress(
+            "restore",
+            c.files,
+            c.bytes_written,
+            c.bytes_written,
+            bytes_done=c.bytes_written + c.bytes_kept,
+            files_total=self.files_total,
+            bytes_total=self.bytes_total,
+        )
 
     # -- selection -----------------------------------------------------------------
     def selected(self, entry: ManifestEntry) -> bool:
@@ -525,7 +576,7 @@ class _Restore:
                     os.mkdir(name, 0o700, dir_fd=dir_fd)
                     with self._lock:
                         self.dirs.fresh.add(b"/".join(parts))
-            else:
+            elif not self.dirs.all_fresh:  # (a helper process may have made it)
                 _sweep_temporaries(self.dirs.open(parts, create=False), self._temp_prefix)
             self.dirs_meta.append((parts, entry))
             return
@@ -857,12 +908,22 @@ class _Restore:
                 self.entries += 1
 
     def remove_own_temporaries(self) -> None:
-        """Unlink this run's temporaries: an interrupted run leaves none behind.
+        """Unlink this process's temporaries: an interrupted run leaves none behind.
 
         A temporary lives only in a directory that is open at that moment (a
-        file in flight pins its directory's descriptor in the cache).
+        file in flight pins its directory's descriptor in the cache). The first
+        process of a shared restore, once its helpers are gone, removes the
+        whole run's, wherever they are (a helper may have been killed).
         """
         prefix = os.fsdecode(self._temp_prefix)
+        if self.shared:  # helpers' temporaries may sit where this process never looked
+            for _, _, names, fd in os.fwalk(".", dir_fd=self.root_fd, follow_symlinks=False):
+                for name in names:
+                    if name.startswith(prefix):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=fd)
+            return
+        prefix += f"{self._member:x}"  # this process's own, not another member's of the run
         for fd in [self.root_fd, *self.dirs.cached()]:
             with os.scandir(fd) as it:
                 names = [d.name for d in it if d.name.startswith(prefix)]
@@ -970,14 +1031,145 @@ def _target_is_empty(target: bytes) -> bool:
         return True
 
 
+class _Shard:
+    """Which regular files of the job one process restores, when several share it.
+
+    Consecutive files (in manifest order) form units of about ``unit_bytes``
+    or ``unit_files``; a unit ends only where a file starts in a chunk the
+    file before it did not use, so files that share a chunk stay together and
+    each chunk is fetched once. Unit ``n`` belongs to process ``n % count``.
+    Every process reads the same manifest with the same selection, so they
+    all agree without talking to each other.
+    """
+
+    def __init__(self, index: int, count: int, options: RestoreOptions) -> None:
+        self.index, self.count = index, count
+        self._max_files, self._max_bytes = options.unit_files, options.unit_bytes
+        self._unit = self._bytes = self._files = 0
+        self._last: tuple[str, int] | None = None
+
+    def mine(self, entry: ManifestEntry) -> bool:
+        extents = entry.extents
+        if self._bytes >= self._max_bytes or self._files >= self._max_files:
+            first = (extents[0].object_name, extents[0].chunk_index) if extents else None
+            if first != self._last:
+                self._unit += 1
+                self._bytes = self._files = 0
+        self._bytes += entry.size
+        self._files += 1
+        if extents:
+            self._last = (extents[-1].object_name, extents[-1].chunk_index)
+        return self._unit % self.count == self.index
+
+
+def _restore_entries(r: _Restore, shard: _Shard | None, lead: bool) -> None:
+    """Stream the manifest and restore this process's share of it, then wait for its fetches.
+
+    The lead process places everything but regular files (directories,
+    symlinks, special files) and collects hard links and directories for
+    later; every process restores the regular files its ``shard`` gives it
+    (all of them without one).
+    """
+    options = r.options
+    _, entries = r.reader.manifest()
+    batch: list[_Pending] = []
+    batch_bytes = 0
+    for entry in entries:
+        r.coordinator.raise_if_failed()  # a fetch worker's fatal error stops the reading
+        if not r.selected(entry):
+            continue
+        if entry.kind == "f":
+            if shard is not None and not shard.mine(entry):
+                continue
+        elif not lead:
+            continue
+        r.dirs.trim()
+        try:
+            parts = check_entry(entry)
+        except UnsafePath as exc:
+            r.fail(entry.path, str(exc))
+            continue
+        try:
+            if entry.kind == "f":
+                p = r.add_file(parts, entry)
+                if p is not None:
+                    batch.append(p)
+                    batch_bytes += entry.size
+                if len(batch) >= options.batch_files or batch_bytes >= options.batch_bytes:
+                    r.submit(batch)
+                    batch, batch_bytes = [], 0
+            elif entry.kind == "h":
+                r.hardlinks.append((parts, entry))
+            else:
+                r.place_simple(parts, entry)
+        except UnsafePath as exc:
+            r.fail(entry.path, str(exc))
+    if batch:
+        r.submit(batch)
+    r.drain()
+
+
+def _process_count(options: RestoreOptions, job_files: int | None) -> int:
+    if job_files is None or options.processes <= 1:
+        return 1
+    return max(1, min(options.processes, _MAX_PROCESSES, job_files // options.files_per_process))
+
+
+_MAX_PROCESSES = 8
+"""At most this many processes share a restore (their temporaries' names need it)."""
+
+
+def _helper_work(
+    open_backend: Callable[[], Any],
+    job_id: str,
+    options: RestoreOptions,
+    count: int,
+    temp_prefix: bytes,
+    fresh: bool,
+) -> Callable[[int, Send], None]:
+    """What helper process ``index`` of a restore does: its share of the regular files."""
+
+    def work(index: int, send: Send) -> None:
+        backend = open_backend()
+        r = _Restore(backend, job_id, options, send, index, temp_prefix, fresh)
+        stop = threading.Event()
+
+        def report() -> None:
+            while not stop.wait(0.25):
+                send(r.counts())
+
+        ticker = threading.Thread(target=report, name="progress", daemon=True)
+        ticker.start()
+        try:
+            _restore_entries(r, _Shard(index, count, options), lead=False)
+        except BaseException as exc:  # noqa: BLE001 - re-raised as its cause, below
+            with contextlib.suppress(OSError):
+                r.abandon(exc)
+            cause = r.coordinator.error if isinstance(exc, Cancelled) else exc
+            raise (cause or exc) from None
+        finally:
+            stop.set()
+            ticker.join()
+            r.close()
+        send(r.counts())
+
+    return work
+
+
 def run_restore(
     backend: Any,
     job_id: str,
     options: RestoreOptions,
     on_event: EventSink = ignore,
     clock: Callable[[], float] = time.monotonic,
+    open_backend: Callable[[], Any] | None = None,
 ) -> RestoreSummary:
-    """Restore job ``job_id`` into ``options.target``."""
+    """Restore job ``job_id`` into ``options.target``.
+
+    With ``open_backend`` (which opens a new connection to the same
+    storage) and ``options.processes`` above one, a job of many files is
+    restored by several processes, each with its share of the files.
+    """
     started = clock()
     if options.overwrite is None and not _target_is_empty(options.target):
         raise TargetNotEmpty(
@@ -986,10 +1178,33 @@ def run_restore(
         )
     r = _Restore(backend, job_id, options, on_event)
     try:
+        job = r.backend.describe_job(job_id)
         if not options.includes and not options.excludes:
-            job = r.backend.describe_job(job_id)
             r.files_total = int_attribute(job, "files")
             r.bytes_total = int_attribute(job, "source_bytes")
+        count = 1 if open_backend is None else _process_count(options, int_attribute(job, "files"))
+        team = None
+        if count > 1:
+            assert open_backend is not None
+            per_process = replace(options, connections=max(1, (options.connections or 0) // count))
+            r.reconfigure(per_process)
+
+            def on_message(index: int, message: Any) -> None:
+                if isinstance(message, _Counts):
+                    with r._lock:
+                        r.helpers[index] = message
+                elif isinstance(message, FileWarning):
+                    with r._lock:
+                        r.failures.append(message)
+                    on_event(message)
+                else:
+                    on_event(message)
+
+            work = _helper_work(
+                open_backend, job_id, per_process, count, r._temp_prefix, r.dirs.all_fresh
+            )
+            team = Team.start(count, work, on_message, r.coordinator.fail)
+            r.shared = True
     except BaseException:
         r.close()
         raise
@@ -1002,37 +1217,9 @@ def run_restore(
     ticker = threading.Thread(target=tick, name="progress", daemon=True)
     ticker.start()
     try:
-        _, entries = r.reader.manifest()
-        batch: list[_Pending] = []
-        batch_bytes = 0
-        for entry in entries:
-            r.coordinator.raise_if_failed()  # a fetch worker's fatal error stops the reading
-            if not r.selected(entry):
-                continue
-            r.dirs.trim()
-            try:
-                parts = check_entry(entry)
-            except UnsafePath as exc:
-                r.fail(entry.path, str(exc))
-                continue
-            try:
-                if entry.kind == "f":
-                    p = r.add_file(parts, entry)
-                    if p is not None:
-                        batch.append(p)
-                        batch_bytes += entry.size
-                    if len(batch) >= options.batch_files or batch_bytes >= options.batch_bytes:
-                        r.submit(batch)
-                        batch, batch_bytes = [], 0
-                elif entry.kind == "h":
-                    r.hardlinks.append((parts, entry))
-                else:
-                    r.place_simple(parts, entry)
-            except UnsafePath as exc:
-                r.fail(entry.path, str(exc))
-        if batch:
-            r.submit(batch)
-        r.drain()
+        _restore_entries(r, None if team is None else _Shard(0, count, options), lead=True)
+        if team is not None:
+            team.wait(r.coordinator.raise_if_failed)
         for parts, entry in r.hardlinks:
             try:
                 r.link(parts, entry)
@@ -1040,6 +1227,8 @@ def run_restore(
                 r.fail(entry.path, str(exc))
         r.finish_dirs()
     except BaseException as exc:
+        if team is not None:
+            team.stop()  # each helper removes its own temporaries
         with contextlib.suppress(OSError):  # cleaning up must not hide why it stopped
             r.abandon(exc)
         cause = r.coordinator.error if isinstance(exc, Cancelled) else exc
@@ -1057,13 +1246,14 @@ def run_restore(
         ticker.join()
         r.close()
     on_event(r.progress())
+    c = r.counts()
     return RestoreSummary(
         job_id=job_id,
-        files=r.files,
-        entries=r.entries,
-        bytes_written=r.bytes_written,
-        skipped=r.skipped,
-        retries=r.backend.retries,
+        files=c.files,
+        entries=c.entries,
+        bytes_written=c.bytes_written,
+        skipped=c.skipped,
+        retries=c.retries,
         failures=tuple(r.failures),
         seconds=clock() - started,
     )

@@ -16,7 +16,9 @@ from cryo.cli.common import (
     RepoOption,
     app,
     backend_from_options,
+    backend_from_settings,
     handles_errors,
+    settings_from_options,
 )
 from cryo.exitcodes import FATAL, UsageError
 
@@ -69,13 +71,25 @@ def restore(
         typer.Option(help="Existing files: never, if-changed or always.", show_default=False),
     ] = None,
     connections: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Chunks fetched and written in parallel. More hides a slow network "
-            "but holds more chunks in memory.",
+            help="Chunks fetched and written in parallel, shared among the processes. More "
+            "hides a slow network but holds more chunks in memory. Default: 4 for one "
+            "process, 1 per process for several.",
             min=1,
+            show_default=False,
         ),
-    ] = 4,
+    ] = None,
+    processes: Annotated[
+        int | None,
+        typer.Option(
+            help="Processes restoring files side by side, for jobs of many files (their "
+            "per-file work is then not limited to one CPU). Default: one per CPU, at most 4; "
+            "--connections is shared among them.",
+            min=1,
+            show_default=False,
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines: progress, summary.")] = False,
 ) -> None:
@@ -86,7 +100,8 @@ def restore(
         raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_POLICIES)}")
     if (to == "-") != (path is not None):
         raise UsageError("--path FILE goes with --to - (write one file to stdout)")
-    backend = backend_from_options(repo, endpoint_url, region, profile, create=False)
+    settings = settings_from_options(repo, endpoint_url, region, profile)
+    backend = backend_from_settings(settings, create=False)
     try:
         if path is not None:
             try:
@@ -105,8 +120,10 @@ def restore(
                     excludes=tuple(os.fsencode(g) for g in exclude or ()),
                     overwrite=overwrite,
                     connections=connections,
+                    processes=processes or min(4, len(os.sched_getaffinity(0))),
                 ),
                 on_event=renderer,
+                open_backend=lambda: backend_from_settings(settings, create=False),
             )
         finally:
             renderer.close()

@@ -1,0 +1,221 @@
+"""Restores shared among several processes: the same exact tree, every failure
+named once, no temporary left behind when a helper fails or dies."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from cryo.backup import run_backup
+from cryo.restore import RestoreOptions, WriteFailed, run_restore
+from cryo.storage.api import Backend
+from cryo.storage.local import LocalBackend
+from cryo.team import HelperFailed
+
+from .server_helpers import ServerProcess
+from .test_backup import KiB, run_cli, small_chunks, tree
+from .test_restore import _corrupt_chunk_of, snapshot
+
+__all__ = ["tree"]  # the fixture, re-used from the backup tests
+
+
+def many_files(src: Path, dirs: int = 6, files: int = 40) -> Path:
+    """Small files of varied sizes in several directories, plus one large file."""
+    for d in range(dirs):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(files):
+            (src / f"d{d}" / f"f{i}").write_bytes(b"%d.%d " % (d, i) * (37 * i + d))
+    (src / "d0" / "large.bin").write_bytes(os.urandom(700 * KiB + 3))
+    return src
+
+
+def shared(
+    out: Path, processes: int = 3, unit_files: int = 3, overwrite: str | None = None
+) -> RestoreOptions:
+    """Options that deal a small job out to ``processes`` processes, a few files at a time."""
+    return RestoreOptions(
+        target=os.fsencode(out), overwrite=overwrite, processes=processes,
+        files_per_process=1, unit_files=unit_files,
+    )  # fmt: skip
+
+
+def counting_opener(tmp_path: Path, make: Callable[[], Backend]) -> Callable[[], Backend]:
+    """``make``, noting the pid of every process that opens its own storage connection."""
+    log = tmp_path / "openers"
+
+    def opener() -> Backend:
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return make()
+
+    return opener
+
+
+def openers(tmp_path: Path) -> set[int]:
+    return {int(x) for x in (tmp_path / "openers").read_text().split()}
+
+
+def test_several_processes_restore_every_kind_of_entry_exactly(tmp_path: Path, tree: Path) -> None:
+    many_files(tree / "many")
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, small_chunks(paths=(os.fsencode(tree),))).job_id
+    out = tmp_path / "out"
+    opener = counting_opener(tmp_path, lambda: LocalBackend(tmp_path / "repo", create=False))
+    summary = run_restore(backend, job, shared(out), open_backend=opener)
+    assert summary.failures == ()
+    helpers = openers(tmp_path)
+    assert len(helpers) == 2 and os.getpid() not in helpers  # two helpers did their share
+    alone = run_restore(backend, job, RestoreOptions(target=os.fsencode(tmp_path / "alone")))
+    assert (summary.files, summary.entries, summary.bytes_written) == (
+        alone.files,
+        alone.entries,
+        alone.bytes_written,
+    )
+    assert summary.files == 6 * 40 + 1 + 7  # and seven files in the tree of every kind
+    assert snapshot(out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))) == snapshot(tree)
+    assert list(out.rglob(".cryo-*")) == []
+
+
+def test_a_resumed_restore_with_several_processes_skips_what_is_complete(
+    tmp_path: Path,
+) -> None:
+    src = many_files(tmp_path / "src")
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+    out = tmp_path / "out"
+
+    def reopen() -> Backend:
+        return LocalBackend(tmp_path / "repo", create=False)
+
+    run_restore(backend, job, shared(out), open_backend=reopen)
+    mine = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    for d in range(6):  # a restore that stopped part-way: some files missing, one cut short
+        (mine / f"d{d}" / "f7").unlink()
+    (mine / "d3" / "f9").write_bytes(b"cut")
+    summary = run_restore(
+        backend, job, shared(out, overwrite="if-changed"),
+        open_backend=reopen,
+    )  # fmt: skip
+    assert summary.failures == ()
+    assert summary.files == 7
+    assert summary.skipped == 6 * 40 + 1 - 7
+    assert snapshot(mine) == snapshot(src)
+
+
+def test_several_processes_restore_through_the_server(
+    tmp_path: Path, cryo_server: ServerProcess
+) -> None:
+    src = many_files(tmp_path / "src")
+    key = cryo_server.new_key()
+    backend = cryo_server.client(key)
+    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+    out = tmp_path / "out"
+    opener = counting_opener(tmp_path, lambda: cryo_server.client(key))
+    summary = run_restore(backend, job, shared(out, 2), open_backend=opener)
+    assert summary.failures == () and summary.files == 6 * 40 + 1
+    assert len(openers(tmp_path)) == 1
+    assert snapshot(out / os.fsdecode(os.fsencode(src).lstrip(b"/"))) == snapshot(src)
+
+
+def test_a_corrupt_chunk_is_named_once_and_everything_else_restored(tmp_path: Path) -> None:
+    src = many_files(tmp_path / "src")
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+    victim = os.fsencode(src / "d0" / "large.bin").lstrip(b"/")
+    _corrupt_chunk_of(backend, job, victim, extent=5)
+    out = tmp_path / "out"
+    summary = run_restore(
+        backend, job, shared(out),
+        open_backend=lambda: LocalBackend(tmp_path / "repo", create=False),
+    )  # fmt: skip
+    assert [f.path for f in summary.failures] == [os.fsdecode(victim)]
+    assert not (out / os.fsdecode(victim)).exists()
+    assert summary.files == 6 * 40
+    for p in src.rglob("f*"):
+        assert (out / os.fsdecode(os.fsencode(p).lstrip(b"/"))).read_bytes() == p.read_bytes()
+    assert list(out.rglob(".cryo-*")) == []
+
+
+def test_a_full_target_in_a_helper_stops_every_process_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = many_files(tmp_path / "src", dirs=8, files=60)
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+    leader = os.getpid()
+    real_pwrite = os.pwrite
+    writes = []
+
+    def filling_pwrite(fd: int, data: bytes, offset: int) -> int:
+        writes.append(fd)
+        if os.getpid() != leader and len(writes) > 30:  # a helper's disk fills up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", filling_pwrite)
+    out = tmp_path / "out"
+    with pytest.raises(WriteFailed, match="No space left on device"):
+        run_restore(
+            backend, job, shared(out, unit_files=20),
+            open_backend=lambda: LocalBackend(tmp_path / "repo", create=False),
+        )  # fmt: skip
+    assert list(out.rglob(".cryo-*")) == []  # no temporary left, in any process's share
+    prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    restored = [p for p in prefix.rglob("f*") if p.is_file()]
+    assert restored
+    for p in restored:  # what is there under a real name is whole
+        assert p.read_bytes() == (src / p.relative_to(prefix)).read_bytes()
+
+
+def test_a_helper_that_dies_is_reported_and_its_temporaries_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = many_files(tmp_path / "src", dirs=8, files=60)
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+    leader = os.getpid()
+    real_rename = os.rename
+    renames = []
+
+    def dying_rename(*args: object, **kw: object) -> None:
+        renames.append(1)
+        if os.getpid() != leader and len(renames) > 20:  # killed, with temporaries open
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_rename(*args, **kw)
+
+    monkeypatch.setattr(os, "rename", dying_rename)
+    out = tmp_path / "out"
+    with pytest.raises(HelperFailed, match=r"stopped unexpectedly \(signal 9\)"):
+        run_restore(
+            backend, job, shared(out, 2, unit_files=40),
+            open_backend=lambda: LocalBackend(tmp_path / "repo", create=False),
+        )  # fmt: skip
+    assert list(out.rglob(".cryo-*")) == []
+    prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    for p in prefix.rglob("f*"):
+        assert p.read_bytes() == (src / p.relative_to(prefix)).read_bytes()
+
+
+def test_cli_restores_a_job_of_many_files_with_several_processes(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for d in range(5):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(430):
+            (src / f"d{d}" / f"f{i}").write_bytes(b"%d" % (d * i) * (i % 50))
+    repo = str(tmp_path / "repo")
+    b = run_cli("backup", str(src), "--repo", repo, "--quiet")
+    assert b.returncode == 0, b.stderr
+    job = b.stdout.decode().strip()
+    out = tmp_path / "out"
+    r = run_cli("restore", job, "--repo", repo, "--to", str(out), "--processes", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout.decode().splitlines()[-1])
+    assert summary["files"] == 5 * 430 and summary["errors"] == []
+    assert snapshot(out / os.fsdecode(os.fsencode(src).lstrip(b"/"))) == snapshot(src)
+    assert list(out.rglob(".cryo-*")) == []
