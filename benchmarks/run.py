@@ -1243,8 +1243,8 @@ def render_markdown(
         "Wall and CPU (user + system) time of the client process (and its children) in "
         "seconds, peak RSS in MiB (`ru_maxrss`, or the peak of the summed Pss of all the "
         "client's processes when higher); for cryo-server also the server's peak RSS and "
-        "CPU during the step. Stored: repository size after the first backup. Check: the restored tree "
-        "compared with the dataset.",
+        "CPU during the step. Stored: repository size after the first backup. Check: the "
+        "restored tree compared with the dataset.",
         "",
         "| dataset | step | tool | wall s | min-max s | CPU s | peak RSS MiB | server RSS MiB "
         "| server CPU s | stored MiB | check | runs ok |",
