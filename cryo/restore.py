@@ -115,7 +115,7 @@ class RestoreOptions:
     batch_bytes: int = 256 * 1024 * 1024
     owners: bool = field(default_factory=lambda: os.geteuid() == 0)
     processes: int = 1
-    """Processes restoring files side by side (needs ``open_backend``; see ``_Shard``)."""
+    """Processes restoring files side by side (a job of many files; see ``_Shard``)."""
     files_per_process: int = 1024
     """A job gets a process more per this many regular files, up to ``processes``."""
     unit_files: int = 1024
@@ -1162,13 +1162,12 @@ def run_restore(
     options: RestoreOptions,
     on_event: EventSink = ignore,
     clock: Callable[[], float] = time.monotonic,
-    open_backend: Callable[[], Any] | None = None,
 ) -> RestoreSummary:
     """Restore job ``job_id`` into ``options.target``.
 
-    With ``open_backend`` (which opens a new connection to the same
-    storage) and ``options.processes`` above one, a job of many files is
-    restored by several processes, each with its share of the files.
+    With ``options.processes`` above one, a job of many files is restored by
+    several processes, each with its share of the files and its own
+    connection to the storage (``backend.reopen()``, in the new process).
     """
     started = clock()
     if options.overwrite is None and not _target_is_empty(options.target):
@@ -1182,10 +1181,9 @@ def run_restore(
         if not options.includes and not options.excludes:
             r.files_total = int_attribute(job, "files")
             r.bytes_total = int_attribute(job, "source_bytes")
-        count = 1 if open_backend is None else _process_count(options, int_attribute(job, "files"))
+        count = _process_count(options, int_attribute(job, "files"))
         team = None
         if count > 1:
-            assert open_backend is not None
             per_process = replace(options, connections=max(1, (options.connections or 0) // count))
             r.reconfigure(per_process)
 
@@ -1201,7 +1199,7 @@ def run_restore(
                     on_event(message)
 
             work = _helper_work(
-                open_backend, job_id, per_process, count, r._temp_prefix, r.dirs.all_fresh
+                backend.reopen, job_id, per_process, count, r._temp_prefix, r.dirs.all_fresh
             )
             team = Team.start(count, work, on_message, r.coordinator.fail)
             r.shared = True

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,16 +44,17 @@ def shared(
     )  # fmt: skip
 
 
-def counting_opener(tmp_path: Path, make: Callable[[], Backend]) -> Callable[[], Backend]:
-    """``make``, noting the pid of every process that opens its own storage connection."""
+def count_reopens(tmp_path: Path, backend: Backend) -> None:
+    """Note the pid of every process that opens its own connection to ``backend``'s storage."""
     log = tmp_path / "openers"
+    reopen = backend.reopen
 
-    def opener() -> Backend:
+    def noting() -> Backend:
         with open(log, "a") as f:
             f.write(f"{os.getpid()}\n")
-        return make()
+        return reopen()
 
-    return opener
+    backend.reopen = noting  # type: ignore[method-assign]
 
 
 def openers(tmp_path: Path) -> set[int]:
@@ -66,8 +66,8 @@ def test_several_processes_restore_every_kind_of_entry_exactly(tmp_path: Path, t
     backend = LocalBackend(tmp_path / "repo")
     job = run_backup(backend, small_chunks(paths=(os.fsencode(tree),))).job_id
     out = tmp_path / "out"
-    opener = counting_opener(tmp_path, lambda: LocalBackend(tmp_path / "repo", create=False))
-    summary = run_restore(backend, job, shared(out), open_backend=opener)
+    count_reopens(tmp_path, backend)
+    summary = run_restore(backend, job, shared(out))
     assert summary.failures == ()
     helpers = openers(tmp_path)
     assert len(helpers) == 2 and os.getpid() not in helpers  # two helpers did their share
@@ -90,18 +90,12 @@ def test_a_resumed_restore_with_several_processes_skips_what_is_complete(
     job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
     out = tmp_path / "out"
 
-    def reopen() -> Backend:
-        return LocalBackend(tmp_path / "repo", create=False)
-
-    run_restore(backend, job, shared(out), open_backend=reopen)
+    run_restore(backend, job, shared(out))
     mine = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
     for d in range(6):  # a restore that stopped part-way: some files missing, one cut short
         (mine / f"d{d}" / "f7").unlink()
     (mine / "d3" / "f9").write_bytes(b"cut")
-    summary = run_restore(
-        backend, job, shared(out, overwrite="if-changed"),
-        open_backend=reopen,
-    )  # fmt: skip
+    summary = run_restore(backend, job, shared(out, overwrite="if-changed"))
     assert summary.failures == ()
     assert summary.files == 7
     assert summary.skipped == 6 * 40 + 1 - 7
@@ -112,12 +106,11 @@ def test_several_processes_restore_through_the_server(
     tmp_path: Path, cryo_server: ServerProcess
 ) -> None:
     src = many_files(tmp_path / "src")
-    key = cryo_server.new_key()
-    backend = cryo_server.client(key)
+    backend = cryo_server.client()
     job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
     out = tmp_path / "out"
-    opener = counting_opener(tmp_path, lambda: cryo_server.client(key))
-    summary = run_restore(backend, job, shared(out, 2), open_backend=opener)
+    count_reopens(tmp_path, backend)
+    summary = run_restore(backend, job, shared(out, 2))
     assert summary.failures == () and summary.files == 6 * 40 + 1
     assert len(openers(tmp_path)) == 1
     assert snapshot(out / os.fsdecode(os.fsencode(src).lstrip(b"/"))) == snapshot(src)
@@ -131,9 +124,7 @@ def test_a_corrupt_chunk_is_named_once_and_everything_else_restored(tmp_path: Pa
     _corrupt_chunk_of(backend, job, victim, extent=5)
     out = tmp_path / "out"
     summary = run_restore(
-        backend, job, shared(out),
-        open_backend=lambda: LocalBackend(tmp_path / "repo", create=False),
-    )  # fmt: skip
+        backend, job, shared(out))  # fmt: skip
     assert [f.path for f in summary.failures] == [os.fsdecode(victim)]
     assert not (out / os.fsdecode(victim)).exists()
     assert summary.files == 6 * 40
@@ -162,9 +153,7 @@ def test_a_full_target_in_a_helper_stops_every_process_in_one_line(
     out = tmp_path / "out"
     with pytest.raises(WriteFailed, match="No space left on device"):
         run_restore(
-            backend, job, shared(out, unit_files=20),
-            open_backend=lambda: LocalBackend(tmp_path / "repo", create=False),
-        )  # fmt: skip
+            backend, job, shared(out, unit_files=20))  # fmt: skip
     assert list(out.rglob(".cryo-*")) == []  # no temporary left, in any process's share
     prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
     restored = [p for p in prefix.rglob("f*") if p.is_file()]
@@ -193,9 +182,7 @@ def test_a_helper_that_dies_is_reported_and_its_temporaries_removed(
     out = tmp_path / "out"
     with pytest.raises(HelperFailed, match=r"stopped unexpectedly \(signal 9\)"):
         run_restore(
-            backend, job, shared(out, 2, unit_files=40),
-            open_backend=lambda: LocalBackend(tmp_path / "repo", create=False),
-        )  # fmt: skip
+            backend, job, shared(out, 2, unit_files=40))  # fmt: skip
     assert list(out.rglob(".cryo-*")) == []
     prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
     for p in prefix.rglob("f*"):

@@ -16,9 +16,7 @@ from cryo.cli.common import (
     RepoOption,
     app,
     backend_from_options,
-    backend_from_settings,
     handles_errors,
-    settings_from_options,
 )
 from cryo.exitcodes import FATAL, UsageError
 
@@ -100,8 +98,7 @@ def restore(
         raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_POLICIES)}")
     if (to == "-") != (path is not None):
         raise UsageError("--path FILE goes with --to - (write one file to stdout)")
-    settings = settings_from_options(repo, endpoint_url, region, profile)
-    backend = backend_from_settings(settings, create=False)
+    backend = backend_from_options(repo, endpoint_url, region, profile, create=False)
     try:
         if path is not None:
             try:
@@ -123,7 +120,6 @@ def restore(
                     processes=processes or min(4, len(os.sched_getaffinity(0))),
                 ),
                 on_event=renderer,
-                open_backend=lambda: backend_from_settings(settings, create=False),
             )
         finally:
             renderer.close()

@@ -259,6 +259,10 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    def reopen(self) -> Backend:
+        """The same storage through connections of its own (for a forked process)."""
+        ...
+
 
 def iter_objects(backend: Backend, job_id: str, **filters: object) -> Iterator[BackupObject]:
     """Every object of a job that ``filters`` select, paging ListObjects to the end."""

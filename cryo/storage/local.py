@@ -480,6 +480,12 @@ class LocalBackend:
         view.trust_checksums = False
         return view
 
+    def reopen(self) -> LocalBackend:
+        """The same repository through its own database connections (e.g. in a forked process)."""
+        view = LocalBackend._view(_Engine(self.root, create=False), self.owner)
+        view.trust_checksums = self.trust_checksums
+        return view
+
     def for_owner(self, owner: str) -> LocalBackend:
         """A view of the same repository scoped to ``owner``."""
         return LocalBackend._view(self._engine, owner)

@@ -117,11 +117,13 @@ class RemoteBackend:
         max_connections: int = 16,
         connect_timeout: float = 10.0,
         read_timeout: float = 120.0,
+        session: Any = None,
     ) -> None:
+        """``session``: a boto3 session to share (its credentials win over the others)."""
         from botocore.config import Config
 
         self.endpoint_url = endpoint_url.rstrip("/")
-        session = boto3_session(
+        session = session or boto3_session(
             profile_name=profile,
             aws_access_key_id=aws_access_key_id,
             aws_secret_access_key=aws_secret_access_key,
@@ -142,6 +144,18 @@ class RemoteBackend:
         self._http: Any = None
         self._max_connections = max_connections
         self._timeouts = (connect_timeout, read_timeout)
+
+    def reopen(self) -> RemoteBackend:
+        """The same endpoint and credentials over new connections (e.g. in a forked process).
+
+        The session, and the models it has loaded, are shared; nothing the
+        original holds open is used.
+        """
+        connect, read = self._timeouts
+        return RemoteBackend(
+            self.endpoint_url, region=self.region, session=self._session,
+            max_connections=self._max_connections, connect_timeout=connect, read_timeout=read,
+        )  # fmt: skip
 
     def close(self) -> None:
         with _ignore_errors():
