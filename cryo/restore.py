@@ -487,6 +487,8 @@ class _Restore:
         """What each helper process has done so far (see ``_Counts``)."""
         self.shared = False
         """Helper processes restore part of the job (this is the first process)."""
+        self.file_dirs: set[bytes] = set()
+        """When shared: every directory of the job's files (where a helper's temporaries can be)."""
         self._open_files: set[_Pending] = set()
         """Files whose temporary exists and is not finished yet."""
         self.reconfigure(options)
@@ -917,19 +919,17 @@ class _Restore:
         """
         prefix = os.fsdecode(self._temp_prefix)
         if self.shared:  # helpers' temporaries may sit where this process never looked
-            for _, _, names, fd in os.fwalk(".", dir_fd=self.root_fd, follow_symlinks=False):
-                for name in names:
-                    if name.startswith(prefix):
-                        with contextlib.suppress(FileNotFoundError):
-                            os.unlink(name, dir_fd=fd)
+            for d in self.file_dirs:
+                try:
+                    fd = self.dirs.open(check_path(d) if d else [], create=False)
+                    _remove_prefixed(fd, prefix)
+                except (OSError, UnsafePath):
+                    continue  # never made, or not a directory of this restore's
+                self.dirs.trim()
             return
         prefix += f"{self._member:x}"  # this process's own, not another member's of the run
         for fd in [self.root_fd, *self.dirs.cached()]:
-            with os.scandir(fd) as it:
-                names = [d.name for d in it if d.name.startswith(prefix)]
-            for name in names:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=fd)
+            _remove_prefixed(fd, prefix)
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -943,6 +943,14 @@ def _written_whole(entry: ManifestEntry) -> bool:
     if not extents:
         return entry.size == 0
     return len(extents) == 1 and extents[0].file_offset == 0 and extents[0].length == entry.size
+
+
+def _remove_prefixed(dir_fd: int, prefix: str) -> None:
+    with os.scandir(dir_fd) as it:
+        names = [d.name for d in it if d.name.startswith(prefix)]
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=dir_fd)
 
 
 def _sweep_temporaries(dir_fd: int, own_prefix: bytes) -> None:
@@ -1079,6 +1087,8 @@ def _restore_entries(r: _Restore, shard: _Shard | None, lead: bool) -> None:
         if not r.selected(entry):
             continue
         if entry.kind == "f":
+            if r.shared:
+                r.file_dirs.add(entry.path.rpartition(b"/")[0])
             if shard is not None and not shard.mine(entry):
                 continue
         elif not lead:
@@ -1135,8 +1145,11 @@ def _helper_work(
         stop = threading.Event()
 
         def report() -> None:
-            while not stop.wait(0.25):
-                send(r.counts())
+            try:
+                while not stop.wait(0.25):
+                    send(r.counts())
+            except BaseException as exc:  # noqa: BLE001 - e.g. the pipe is gone: stop the share
+                r.coordinator.fail(exc)
 
         ticker = threading.Thread(target=report, name="progress", daemon=True)
         ticker.start()
@@ -1154,6 +1167,35 @@ def _helper_work(
         send(r.counts())
 
     return work
+
+
+def _start_team(
+    r: _Restore, backend: Any, job_id: str, count: int, on_event: EventSink
+) -> Team | None:
+    """Fork ``count - 1`` helpers for ``r``'s restore; None (one process) if the system refuses."""
+    options = r.options
+    r.reconfigure(replace(options, connections=max(1, (options.connections or 0) // count)))
+
+    def on_message(index: int, message: Any) -> None:
+        if isinstance(message, _Counts):
+            with r._lock:
+                r.helpers[index] = message
+        elif isinstance(message, FileWarning):
+            with r._lock:
+                r.failures.append(message)
+            on_event(message)
+        else:
+            on_event(message)
+
+    work = _helper_work(backend.reopen, job_id, r.options, count, r._temp_prefix, r.dirs.all_fresh)
+    backend.before_fork()
+    try:
+        team = Team.start(count, work, on_message, r.coordinator.fail)
+    except OSError:  # no process to spare (EAGAIN, ENOMEM): this one does it all
+        r.reconfigure(options)
+        return None
+    r.shared = True
+    return team
 
 
 def run_restore(
@@ -1176,36 +1218,7 @@ def run_restore(
             "if-changed or always"
         )
     r = _Restore(backend, job_id, options, on_event)
-    try:
-        job = r.backend.describe_job(job_id)
-        if not options.includes and not options.excludes:
-            r.files_total = int_attribute(job, "files")
-            r.bytes_total = int_attribute(job, "source_bytes")
-        count = _process_count(options, int_attribute(job, "files"))
-        team = None
-        if count > 1:
-            per_process = replace(options, connections=max(1, (options.connections or 0) // count))
-            r.reconfigure(per_process)
-
-            def on_message(index: int, message: Any) -> None:
-                if isinstance(message, _Counts):
-                    with r._lock:
-                        r.helpers[index] = message
-                elif isinstance(message, FileWarning):
-                    with r._lock:
-                        r.failures.append(message)
-                    on_event(message)
-                else:
-                    on_event(message)
-
-            work = _helper_work(
-                backend.reopen, job_id, per_process, count, r._temp_prefix, r.dirs.all_fresh
-            )
-            team = Team.start(count, work, on_message, r.coordinator.fail)
-            r.shared = True
-    except BaseException:
-        r.close()
-        raise
+    team: Team | None = None
     stop = threading.Event()
 
     def tick() -> None:
@@ -1213,8 +1226,17 @@ def run_restore(
             on_event(r.progress())
 
     ticker = threading.Thread(target=tick, name="progress", daemon=True)
-    ticker.start()
     try:
+        job = r.backend.describe_job(job_id)
+        if not options.includes and not options.excludes:
+            r.files_total = int_attribute(job, "files")
+            r.bytes_total = int_attribute(job, "source_bytes")
+        count = _process_count(options, int_attribute(job, "files"))
+        # Replacing what is in the way of a directory is the first process's work, which
+        # the helpers would race: into a target that had content, "always" runs alone.
+        if count > 1 and (options.overwrite != "always" or r.dirs.all_fresh):
+            team = _start_team(r, backend, job_id, count, on_event)
+        ticker.start()  # threads only once every helper is forked
         _restore_entries(r, None if team is None else _Shard(0, count, options), lead=True)
         if team is not None:
             team.wait(r.coordinator.raise_if_failed)
@@ -1225,10 +1247,13 @@ def run_restore(
                 r.fail(entry.path, str(exc))
         r.finish_dirs()
     except BaseException as exc:
-        if team is not None:
-            team.stop()  # each helper removes its own temporaries
-        with contextlib.suppress(OSError):  # cleaning up must not hide why it stopped
-            r.abandon(exc)
+        r.coordinator.fail(exc)  # this process's own workers stop at once
+        try:
+            if team is not None:
+                team.stop()  # each helper removes its own temporaries
+        finally:
+            with contextlib.suppress(OSError):  # cleaning up must not hide why it stopped
+                r.abandon(exc)
         cause = r.coordinator.error if isinstance(exc, Cancelled) else exc
         if isinstance(cause, OSError) and cause.errno in _TARGET_FULL:
             raise WriteFailed(
@@ -1241,7 +1266,8 @@ def run_restore(
         raise
     finally:
         stop.set()
-        ticker.join()
+        if ticker.ident is not None:
+            ticker.join()
         r.close()
     on_event(r.progress())
     c = r.counts()

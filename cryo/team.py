@@ -28,6 +28,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
@@ -39,8 +40,8 @@ Send = Callable[[Any], None]
 _MESSAGE, _ERROR, _DONE = 0, 1, 2
 
 
-class Stopped(Exception):
-    """Raised in a helper whose team is stopping."""
+class Stopped(CryoError):
+    """Raised in a helper whose team is stopping (SIGTERM), or whose parent is gone."""
 
 
 class HelperFailed(CryoError):
@@ -63,16 +64,25 @@ class Team:
         """Fork members ``1 .. count - 1``; call before starting any thread."""
         team = cls()
         conns: list[tuple[int, Connection]] = []
+        parent = os.getpid()
         try:
             for index in range(1, count):
                 r, w = os.pipe2(os.O_CLOEXEC)
-                pid = os.fork()
-                if pid == 0:  # pragma: no cover - the helper; its effects are what tests see
+                try:
+                    pid = os.fork()
+                except BaseException:
                     os.close(r)
-                    for _, c in conns:
-                        with contextlib.suppress(OSError):
-                            c.close()
-                    _helper(work, index, Connection(w, readable=False))
+                    os.close(w)
+                    raise
+                if pid == 0:  # pragma: no cover - the helper; its effects are what tests see
+                    try:
+                        os.close(r)
+                        for _, c in conns:
+                            with contextlib.suppress(OSError):
+                                c.close()
+                        _helper(work, index, Connection(w, readable=False), parent)
+                    finally:
+                        os._exit(1)  # never back into the parent's code
                 os.close(w)
                 team._pids[index] = pid
                 conns.append((index, Connection(r, writable=False)))
@@ -111,7 +121,7 @@ class Team:
                 else:
                     done = True
         except BaseException as exc:  # noqa: BLE001 - any failure to read a helper is its failure
-            on_error(exc)
+            on_error(HelperFailed(f"helper process {index}: unreadable message: {exc}"))
             done = True
         finally:
             conn.close()
@@ -140,12 +150,21 @@ class Team:
         check()
 
     def stop(self, grace: float = 30.0) -> None:
-        """Ask every helper still running to stop; wait for them (kill after ``grace``)."""
+        """Ask every helper still running to stop; wait for them (all killed after ``grace``)."""
+        deadline = time.monotonic() + grace
         for pid in list(self._pids.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
         for t in self._readers:
-            t.join(grace)
+            t.join(max(0.0, deadline - time.monotonic()))
+        if not self._readers:  # stopped while starting: nobody reaps them but this
+            while self._pids and time.monotonic() < deadline:
+                for index, pid in list(self._pids.items()):
+                    with contextlib.suppress(ChildProcessError):
+                        if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                            continue
+                    del self._pids[index]
+                time.sleep(0.05)
         for pid in list(self._pids.values()):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -157,14 +176,26 @@ class Team:
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one Stopped; cleaning up is not interrupted
-    raise Stopped()
+    raise Stopped("a restore helper process was stopped (SIGTERM)")
 
 
-def _helper(work: Callable[[int, Send], None], index: int, conn: Connection) -> None:
+def _die_with(parent: int) -> None:
+    """SIGTERM when the parent process dies (Linux), so no helper outlives its run."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:  # it died before that took effect
+        raise Stopped("the restore's first process is gone")
+
+
+def _helper(work: Callable[[int, Send], None], index: int, conn: Connection, parent: int) -> None:
     """A helper's life: run ``work``, report how it ended, leave without the parent's exits."""
     code = 0
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
+        _die_with(parent)
         lock = threading.Lock()
 
         def send(message: Any) -> None:

@@ -133,8 +133,9 @@ def test_a_corrupt_chunk_is_named_once_and_everything_else_restored(tmp_path: Pa
     assert list(out.rglob(".cryo-*")) == []
 
 
-def test_a_full_target_in_a_helper_stops_every_process_in_one_line(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("where", ["helper", "first process"])
+def test_a_full_target_in_any_process_stops_every_process_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
     src = many_files(tmp_path / "src", dirs=8, files=60)
     backend = LocalBackend(tmp_path / "repo")
@@ -145,7 +146,7 @@ def test_a_full_target_in_a_helper_stops_every_process_in_one_line(
 
     def filling_pwrite(fd: int, data: bytes, offset: int) -> int:
         writes.append(fd)
-        if os.getpid() != leader and len(writes) > 30:  # a helper's disk fills up
+        if (os.getpid() == leader) == (where == "first process") and len(writes) > 30:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 

@@ -259,6 +259,10 @@ class Backend(Protocol):
 
     def close(self) -> None: ...
 
+    def before_fork(self) -> None:
+        """Make it safe to fork this process (and use ``reopen`` in the child)."""
+        ...
+
     def reopen(self) -> Backend:
         """The same storage through connections of its own (for a forked process)."""
         ...

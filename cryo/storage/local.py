@@ -424,6 +424,19 @@ class _Engine:
             finally:
                 conn.execute("COMMIT")
 
+    def drop_connections(self) -> None:
+        """Close every thread's connection now; the next use opens a new one.
+
+        For a process about to fork, with no use in progress: SQLite must not
+        see a connection opened before a fork used or closed after it.
+        """
+        with self._all_lock:
+            for conn in self._all:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            self._all.clear()
+        self._local = threading.local()
+
     def close(self, wait: float = 60.0) -> None:
         """Close every thread's connection once the uses in progress end.
 
@@ -479,6 +492,10 @@ class LocalBackend:
         view.root = engine.root
         view.trust_checksums = False
         return view
+
+    def before_fork(self) -> None:
+        """Hold no database connection across a fork (reopened on the next use)."""
+        self._engine.drop_connections()
 
     def reopen(self) -> LocalBackend:
         """The same repository through its own database connections (e.g. in a forked process)."""

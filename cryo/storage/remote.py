@@ -145,6 +145,9 @@ class RemoteBackend:
         self._max_connections = max_connections
         self._timeouts = (connect_timeout, read_timeout)
 
+    def before_fork(self) -> None:
+        """Nothing to do: a forked process never uses this client's connections."""
+
     def reopen(self) -> RemoteBackend:
         """The same endpoint and credentials over new connections (e.g. in a forked process).
 
