@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from cryo.backup import run_backup
-from cryo.restore import RestoreOptions, WriteFailed, run_restore
+from cryo.jobreader import JobReader
+from cryo.restore import RestoreOptions, WriteFailed, _Shard, run_restore
 from cryo.storage.api import Backend
 from cryo.storage.local import LocalBackend
 from cryo.team import HelperFailed
@@ -32,6 +33,25 @@ def many_files(src: Path, dirs: int = 6, files: int = 40) -> Path:
             (src / f"d{d}" / f"f{i}").write_bytes(b"%d.%d " % (d, i) * (37 * i + d))
     (src / "d0" / "large.bin").write_bytes(os.urandom(700 * KiB + 3))
     return src
+
+
+def backed_up(tmp_path: Path, **kw: int) -> tuple[Path, LocalBackend, str]:
+    """``many_files`` backed up in small chunks: (source, backend, job)."""
+    src = many_files(tmp_path / "src", **kw)
+    backend = LocalBackend(tmp_path / "repo")
+    return src, backend, run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+
+
+def under(out: Path, src: Path) -> Path:
+    """Where ``src`` lands in a restore into ``out``."""
+    return out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+
+
+def assert_whole_or_absent(out: Path, src: Path) -> None:
+    """No temporary is left anywhere, and every file under its real name is complete."""
+    assert list(out.rglob(".cryo-*")) == []
+    for p in under(out, src).rglob("f*"):
+        assert p.read_bytes() == (src / p.relative_to(under(out, src))).read_bytes()
 
 
 def shared(
@@ -73,25 +93,18 @@ def test_several_processes_restore_every_kind_of_entry_exactly(tmp_path: Path, t
     assert len(helpers) == 2 and os.getpid() not in helpers  # two helpers did their share
     alone = run_restore(backend, job, RestoreOptions(target=os.fsencode(tmp_path / "alone")))
     assert (summary.files, summary.entries, summary.bytes_written) == (
-        alone.files,
-        alone.entries,
-        alone.bytes_written,
-    )
+        alone.files, alone.entries, alone.bytes_written,
+    )  # fmt: skip
     assert summary.files == 6 * 40 + 1 + 7  # and seven files in the tree of every kind
-    assert snapshot(out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))) == snapshot(tree)
+    assert snapshot(under(out, tree)) == snapshot(tree)
     assert list(out.rglob(".cryo-*")) == []
 
 
-def test_a_resumed_restore_with_several_processes_skips_what_is_complete(
-    tmp_path: Path,
-) -> None:
-    src = many_files(tmp_path / "src")
-    backend = LocalBackend(tmp_path / "repo")
-    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+def test_a_resumed_restore_with_several_processes_skips_what_is_complete(tmp_path: Path) -> None:
+    src, backend, job = backed_up(tmp_path)
     out = tmp_path / "out"
-
     run_restore(backend, job, shared(out))
-    mine = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    mine = under(out, src)
     for d in range(6):  # a restore that stopped part-way: some files missing, one cut short
         (mine / f"d{d}" / "f7").unlink()
     (mine / "d3" / "f9").write_bytes(b"cut")
@@ -113,33 +126,38 @@ def test_several_processes_restore_through_the_server(
     summary = run_restore(backend, job, shared(out, 2))
     assert summary.failures == () and summary.files == 6 * 40 + 1
     assert len(openers(tmp_path)) == 1
-    assert snapshot(out / os.fsdecode(os.fsencode(src).lstrip(b"/"))) == snapshot(src)
+    assert snapshot(under(out, src)) == snapshot(src)
 
 
-def test_a_corrupt_chunk_is_named_once_and_everything_else_restored(tmp_path: Path) -> None:
-    src = many_files(tmp_path / "src")
-    backend = LocalBackend(tmp_path / "repo")
-    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
-    victim = os.fsencode(src / "d0" / "large.bin").lstrip(b"/")
-    _corrupt_chunk_of(backend, job, victim, extent=5)
+def test_a_corrupt_chunk_in_a_helpers_share_is_named_once_and_the_rest_restored(
+    tmp_path: Path,
+) -> None:
+    src, backend, job = backed_up(tmp_path)
     out = tmp_path / "out"
-    summary = run_restore(
-        backend, job, shared(out))  # fmt: skip
-    assert [f.path for f in summary.failures] == [os.fsdecode(victim)]
-    assert not (out / os.fsdecode(victim)).exists()
-    assert summary.files == 6 * 40
-    for p in src.rglob("f*"):
-        assert (out / os.fsdecode(os.fsencode(p).lstrip(b"/"))).read_bytes() == p.read_bytes()
-    assert list(out.rglob(".cryo-*")) == []
+    options = shared(out, 2)
+    # A file of the helper's share (dealt out as the restore deals), and every file of its chunk.
+    share = _Shard(1, 2, options)
+    _, entries = JobReader(backend, job).manifest()
+    files = [e for e in entries if e.kind == "f"]
+    victim = next(e for e in files if share.mine(e) and e.extents)
+    bad = (victim.extents[0].object_name, victim.extents[0].chunk_index)
+    hit = {e.path for e in files if bad in {(x.object_name, x.chunk_index) for x in e.extents}}
+    _corrupt_chunk_of(backend, job, victim.path)
+    summary = run_restore(backend, job, options)
+    assert sorted(f.path for f in summary.failures) == sorted(map(os.fsdecode, hit))
+    assert summary.files == len(files) - len(hit)
+    for path in hit:
+        assert not (out / os.fsdecode(path)).exists()
+    assert_whole_or_absent(out, src)
+    restored = [p for p in under(out, src).rglob("*") if p.is_file()]
+    assert len(restored) == len(files) - len(hit)
 
 
 @pytest.mark.parametrize("where", ["helper", "first process"])
 def test_a_full_target_in_any_process_stops_every_process_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
 ) -> None:
-    src = many_files(tmp_path / "src", dirs=8, files=60)
-    backend = LocalBackend(tmp_path / "repo")
-    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+    src, backend, job = backed_up(tmp_path, dirs=8, files=60)
     leader = os.getpid()
     real_pwrite = os.pwrite
     writes = []
@@ -153,22 +171,15 @@ def test_a_full_target_in_any_process_stops_every_process_in_one_line(
     monkeypatch.setattr(os, "pwrite", filling_pwrite)
     out = tmp_path / "out"
     with pytest.raises(WriteFailed, match="No space left on device"):
-        run_restore(
-            backend, job, shared(out, unit_files=20))  # fmt: skip
-    assert list(out.rglob(".cryo-*")) == []  # no temporary left, in any process's share
-    prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
-    restored = [p for p in prefix.rglob("f*") if p.is_file()]
-    assert restored
-    for p in restored:  # what is there under a real name is whole
-        assert p.read_bytes() == (src / p.relative_to(prefix)).read_bytes()
+        run_restore(backend, job, shared(out, unit_files=20))
+    assert_whole_or_absent(out, src)
+    assert list(under(out, src).rglob("f*"))  # some were restored before it stopped
 
 
 def test_a_helper_that_dies_is_reported_and_its_temporaries_removed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = many_files(tmp_path / "src", dirs=8, files=60)
-    backend = LocalBackend(tmp_path / "repo")
-    job = run_backup(backend, small_chunks(paths=(os.fsencode(src),))).job_id
+    src, backend, job = backed_up(tmp_path, dirs=8, files=60)
     leader = os.getpid()
     real_rename = os.rename
     renames = []
@@ -177,17 +188,13 @@ def test_a_helper_that_dies_is_reported_and_its_temporaries_removed(
         renames.append(1)
         if os.getpid() != leader and len(renames) > 20:  # killed, with temporaries open
             os.kill(os.getpid(), signal.SIGKILL)
-        real_rename(*args, **kw)
+        real_rename(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(os, "rename", dying_rename)
     out = tmp_path / "out"
     with pytest.raises(HelperFailed, match=r"stopped unexpectedly \(signal 9\)"):
-        run_restore(
-            backend, job, shared(out, 2, unit_files=40))  # fmt: skip
-    assert list(out.rglob(".cryo-*")) == []
-    prefix = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
-    for p in prefix.rglob("f*"):
-        assert p.read_bytes() == (src / p.relative_to(prefix)).read_bytes()
+        run_restore(backend, job, shared(out, 2, unit_files=40))
+    assert_whole_or_absent(out, src)
 
 
 def test_cli_restores_a_job_of_many_files_with_several_processes(tmp_path: Path) -> None:
@@ -205,5 +212,5 @@ def test_cli_restores_a_job_of_many_files_with_several_processes(tmp_path: Path)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.decode().splitlines()[-1])
     assert summary["files"] == 5 * 430 and summary["errors"] == []
-    assert snapshot(out / os.fsdecode(os.fsencode(src).lstrip(b"/"))) == snapshot(src)
+    assert snapshot(under(out, src)) == snapshot(src)
     assert list(out.rglob(".cryo-*")) == []

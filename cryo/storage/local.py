@@ -447,12 +447,7 @@ class _Engine:
             self._closed = True
             if not self._uses.wait_for(lambda: not self._in_use, timeout=wait):
                 return
-        with self._all_lock:
-            for conn in self._all:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.close()
-            self._all.clear()
-        self._local = threading.local()
+        self.drop_connections()
 
 
 class LocalBackend:
