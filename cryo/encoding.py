@@ -74,14 +74,21 @@ def encode(data: bytes | bytearray | memoryview, level: int | None) -> bytes:
     return b"".join((_RAW_PREFIX, view))
 
 
-def decode(stored: bytes | memoryview, expected_length: int | None = None) -> bytes:
-    """The original bytes of a stored chunk."""
+def decode(
+    stored: bytes | memoryview, expected_length: int | None = None, copy: bool = True
+) -> bytes | memoryview:
+    """The original bytes of a stored chunk.
+
+    With ``copy`` False, a raw chunk comes back as a view into ``stored``
+    (no copy of megabytes into fresh pages); a compressed one as new bytes.
+    """
     if len(stored) < 1:
         raise EncodingError("empty stored chunk")
     tag = stored[0]
     body = memoryview(stored)[1:]
+    out: bytes | memoryview
     if tag == TAG_RAW:
-        out = bytes(body)
+        out = bytes(body) if copy else body
     elif tag == TAG_ZSTD:
         import zstandard
 

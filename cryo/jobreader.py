@@ -76,9 +76,13 @@ class JobReader:
 
     def chunk(self, name: str, index: int) -> bytes:
         """A chunk's original bytes: verified, then decoded."""
+        return bytes(self.chunk_view(name, index))
+
+    def chunk_view(self, name: str, index: int) -> bytes | memoryview:
+        """``chunk``, as a view into the stored bytes where the chunk is stored raw."""
         stored = self.stored_chunk(name, index)
         try:
-            return decode(stored)
+            return decode(stored, copy=False)
         except EncodingError as exc:
             raise CorruptData(f"chunk {index} of {name!r}: {exc}") from None
 

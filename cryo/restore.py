@@ -755,9 +755,9 @@ class _Restore:
         name, index = key
         try:
             try:
-                data = self.reader.chunk(name, index)
+                data = self.reader.chunk_view(name, index)
             except CorruptData:
-                data = self.reader.chunk(name, index)  # a second fetch: transient faults happen
+                data = self.reader.chunk_view(name, index)  # a second fetch: transient faults
         except CorruptData as exc:
             for p, *_ in users:
                 with p.lock:
@@ -1315,7 +1315,7 @@ def restore_one_to_stream(
         if e.file_offset < pos:
             raise CorruptData(f"{shown}: extents overlap")
         _stream_zeros(emit, e.file_offset - pos)
-        piece = memoryview(reader.chunk(e.object_name, e.chunk_index))[
+        piece = memoryview(reader.chunk_view(e.object_name, e.chunk_index))[
             e.chunk_offset : e.chunk_offset + e.length
         ]
         if len(piece) != e.length:
@@ -1353,7 +1353,7 @@ def iter_bad_files(
 
     def check(key: tuple[str, int]) -> None:
         try:
-            reader.chunk(*key)
+            reader.chunk_view(*key)
         except CorruptData as exc:
             with lock:
                 for p in users[key]:
