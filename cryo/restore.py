@@ -13,20 +13,23 @@ files or ``batch_bytes`` of data). For each batch:
 2. A worker fetches the chunk, checks its SHA-256 against the listed checksum
    before decoding it, and writes its slices into every file that needs them,
    with ``os.pwrite`` at their file offsets, in any order. The first piece
-   written to a file creates it under a temporary name (``.cryo-restore-...``)
-   in its target directory, sized with ``ftruncate`` when it has holes (holes
-   stay holes). Files of ``DIRECT_MIN_SIZE`` or more are written with direct
-   I/O (their aligned part), around the page cache (:mod:`cryo.directio`). A
-   chunk that fails its checksum is fetched once more; if it fails again, the
-   files that need it are reported and left out, and the restore goes on.
+   written to a file creates it in its target directory: without a name
+   (``O_TMPFILE``) when it is smaller than ``DIRECT_MIN_SIZE`` and the file
+   system can, otherwise under a temporary name (``.cryo-restore-...``);
+   sized with ``ftruncate`` when it has holes (holes stay holes). Files of
+   ``DIRECT_MIN_SIZE`` or more are written with direct I/O (their aligned
+   part), around the page cache (:mod:`cryo.directio`). A chunk that fails
+   its checksum is fetched once more; if it fails again, the files that need
+   it are reported and left out, and the restore goes on.
 3. Each file's xxh3-128 is computed over its bytes in file order
    (``_InOrderHash``: a piece that arrives early waits, and fetches run at
    most ``HASH_WINDOW`` bytes ahead of the hashed prefix) and compared with
    the manifest's; a file that is one piece is checked in memory before it is
    even created. Only a file that matches gets its owner, mode, extended
-   attributes and times, and is renamed to its final name, by the worker that
-   wrote (or gave up on) its last piece. A corrupt or partial file never sits
-   under a real name, and a file is never read back.
+   attributes and times, and then its final name (``linkat`` for an unnamed
+   file, ``rename`` for a temporary), from the worker that wrote (or gave up
+   on) its last piece. A corrupt or partial file never sits under a real
+   name, and a file is never read back.
 
 Directories are created as they come (owner-only at first) and get their
 final mode, owner and times last, deepest first, so restoring files into them
@@ -58,6 +61,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 from cryo.checksums import hash_zeros
@@ -367,6 +371,8 @@ class _Pending:
     """Hashes the pieces in file order; None when one piece is the whole file."""
     direct_fd: int | None = None
     """The same file opened with O_DIRECT, for its aligned pieces."""
+    unnamed: bool = False
+    """Created without a name (``O_TMPFILE``); ``temp`` is used only to replace a file."""
 
     def close(self) -> None:
         for fd in (self.fd, self.direct_fd):
@@ -478,6 +484,10 @@ class _Restore:
         self.root_fd = os.open(options.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dirs = _Dirs(self.root_fd)
         self.dirs.all_fresh = _target_is_empty(options.target) if fresh is None else fresh
+        self._unnamed = (
+            hasattr(os, "O_TMPFILE") and Path(os.fsdecode(_fd_path(self.root_fd))).exists()
+        )
+        """Whether small files are created without a name (until the file system refuses)."""
         self._direct = hasattr(os, "O_DIRECT")
         """Whether large files are written around the page cache (until the file system refuses)."""
         self._temp_names = itertools.count(member << 28)  # distinct names in every process
@@ -604,9 +614,15 @@ class _Restore:
         self._finish(dir_fd, temp, name, entry, fd=None)
 
     def _finish(
-        self, dir_fd: int, temp: bytes, name: bytes, entry: ManifestEntry, fd: int | None
+        self,
+        dir_fd: int,
+        temp: bytes,
+        name: bytes,
+        entry: ManifestEntry,
+        fd: int | None,
+        unnamed: bool = False,
     ) -> None:
-        """Metadata, then rename into place."""
+        """Metadata, then into place: ``temp`` renamed, or the ``unnamed`` file ``fd`` linked."""
         is_link = entry.kind == "l"
         if self.options.owners:
             uid, gid = _owner_ids(entry)
@@ -633,6 +649,15 @@ class _Restore:
             os.utime(fd, ns=times)
         else:
             os.utime(temp, ns=times, dir_fd=dir_fd, follow_symlinks=False)
+        if unnamed:
+            assert fd is not None
+            try:  # its first name: nothing of it was ever visible before
+                os.link(_fd_path(fd), name, dst_dir_fd=dir_fd)
+                with self._lock:
+                    self.entries += 1
+                return
+            except FileExistsError:  # something has the name: replaced as a temporary would
+                os.link(_fd_path(fd), temp, dst_dir_fd=dir_fd)
         try:
             os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except IsADirectoryError:
@@ -672,11 +697,27 @@ class _Restore:
         return None
 
     def _create(self, p: _Pending) -> None:
-        """Create ``p``'s temporary (sized, when it has holes); call with ``p.lock`` held."""
-        fd = os.open(
-            p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-            dir_fd=p.dir_fd,
-        )  # fmt: skip
+        """Create ``p``'s temporary (sized, when it has holes); call with ``p.lock`` held.
+
+        A file smaller than ``DIRECT_MIN_SIZE`` is created without a name
+        (``O_TMPFILE``) where the file system can: it gets its one name once
+        finished (``linkat``), one directory update instead of a create and a
+        rename, and nothing is left behind if the restore is killed.
+        """
+        fd = -1
+        if self._unnamed and p.entry.size < DIRECT_MIN_SIZE:
+            try:
+                fd = os.open(b".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=p.dir_fd)
+                p.unnamed = True
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._unnamed = False  # this file system names every file it creates
+        if fd < 0:
+            fd = os.open(
+                p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                dir_fd=p.dir_fd,
+            )  # fmt: skip
         p.fd = fd
         with self._lock:
             self._open_files.add(p)
@@ -729,14 +770,14 @@ class _Restore:
                     p.failed = "content does not match its xxh3-128 checksum"
             if p.failed is not None:
                 self.fail(p.entry.path, f"not restored: {p.failed}")
-                if p.fd >= 0:
+                if p.fd >= 0 and not p.unnamed:
                     os.unlink(p.temp, dir_fd=p.dir_fd)
                 return
-            self._finish(p.dir_fd, p.temp, p.parts[-1], p.entry, fd=p.fd)
+            self._finish(p.dir_fd, p.temp, p.parts[-1], p.entry, p.fd, p.unnamed)
             with self._lock:
                 self.files += 1
         except BaseException:
-            if p.fd >= 0:
+            if p.fd >= 0:  # (the temporary name, if an unnamed file got one to replace a file)
                 with contextlib.suppress(OSError):
                     os.unlink(p.temp, dir_fd=p.dir_fd)
             raise
@@ -852,8 +893,9 @@ class _Restore:
         self.coordinator.fail(exc)
         self.pool.shutdown(wait=True)
         for p in list(self._open_files):
-            with contextlib.suppress(OSError):
-                os.unlink(p.temp, dir_fd=p.dir_fd)
+            if not p.unnamed:
+                with contextlib.suppress(OSError):
+                    os.unlink(p.temp, dir_fd=p.dir_fd)
             self._release(p)
         self.remove_own_temporaries()
 
@@ -965,6 +1007,11 @@ def _sweep_temporaries(dir_fd: int, own_prefix: bytes) -> None:
 
 def _proc_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/" % dir_fd + name
+
+
+def _fd_path(fd: int) -> bytes:
+    """The file open as ``fd``, through /proc (how an unnamed file is given a name)."""
+    return b"/proc/self/fd/%d" % fd
 
 
 _id_cache: dict[tuple[str, str], int | None] = {}

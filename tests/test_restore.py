@@ -547,6 +547,28 @@ def test_large_files_restore_where_direct_io_is_refused(
         assert (base / name).read_bytes() == data, name
 
 
+def test_a_file_system_without_unnamed_files_gets_named_temporaries(
+    tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend, job = backup_tree(tmp_path, tree)
+    real_open = os.open
+    refused = []
+
+    def no_tmpfile(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            refused.append(path)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_tmpfile)
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert summary.failures == ()
+    assert refused  # it was tried, refused, and the files were made another way
+    assert snapshot(out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))) == snapshot(tree)
+    assert list(out.rglob(".cryo-*")) == []
+
+
 def test_a_corrupt_chunk_inside_a_large_file_fails_that_file_only(
     tmp_path: Path, large_job: LargeJob
 ) -> None:

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -181,16 +182,19 @@ def test_a_helper_that_dies_is_reported_and_its_temporaries_removed(
 ) -> None:
     src, backend, job = backed_up(tmp_path, dirs=8, files=60)
     leader = os.getpid()
-    real_rename = os.rename
-    renames = []
+    placed = []
 
-    def dying_rename(*args: object, **kw: object) -> None:
-        renames.append(1)
-        if os.getpid() != leader and len(renames) > 20:  # killed, with temporaries open
-            os.kill(os.getpid(), signal.SIGKILL)
-        real_rename(*args, **kw)  # type: ignore[arg-type]
+    def dying(real: Callable[..., None]) -> Callable[..., None]:
+        def place(*args: object, **kw: object) -> None:
+            placed.append(1)
+            if os.getpid() != leader and len(placed) > 20:  # killed, with temporaries open
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(*args, **kw)
 
-    monkeypatch.setattr(os, "rename", dying_rename)
+        return place
+
+    monkeypatch.setattr(os, "rename", dying(os.rename))  # a file gets its name by either
+    monkeypatch.setattr(os, "link", dying(os.link))
     out = tmp_path / "out"
     with pytest.raises(HelperFailed, match=r"stopped unexpectedly \(signal 9\)"):
         run_restore(backend, job, shared(out, 2, unit_files=40))
