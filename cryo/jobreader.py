@@ -70,9 +70,10 @@ class JobReader:
             raise CorruptData(  # the repository's own disk: a bad sector, a damaged block
                 f"chunk {index} of {name!r} cannot be read: {exc.strerror or exc}"
             ) from None
+        data = bytes(data)  # what is checked is what is used, whatever buffer it came in
         if b64_of_digest(hashlib.sha256(data).digest()) != c.checksum:
             raise CorruptData(f"chunk {index} of {name!r} fails its SHA-256 checksum")
-        return bytes(data)
+        return data
 
     def chunk(self, name: str, index: int) -> bytes:
         """A chunk's original bytes: verified, then decoded."""

@@ -61,7 +61,6 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 from cryo.checksums import hash_zeros
@@ -484,15 +483,14 @@ class _Restore:
         self.root_fd = os.open(options.target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self.dirs = _Dirs(self.root_fd)
         self.dirs.all_fresh = _target_is_empty(options.target) if fresh is None else fresh
-        self._unnamed = (
-            hasattr(os, "O_TMPFILE") and Path(os.fsdecode(_fd_path(self.root_fd))).exists()
-        )
-        """Whether small files are created without a name (until the file system refuses)."""
         self._direct = hasattr(os, "O_DIRECT")
         """Whether large files are written around the page cache (until the file system refuses)."""
         self._temp_names = itertools.count(member << 28)  # distinct names in every process
         self._member = member
         self._temp_prefix = temp_prefix or _TEMP_PREFIX + secrets.token_hex(4).encode()
+        probe = b"%s%08x.tmp" % (self._temp_prefix, (member << 28) | 0xFFFFFFF)  # not a counter's
+        self._unnamed = _can_name_unnamed_files(self.root_fd, probe)
+        """Whether small files are created without a name (until the file system refuses)."""
         self.helpers: dict[int, _Counts] = {}
         """What each helper process has done so far (see ``_Counts``)."""
         self.shared = False
@@ -656,8 +654,15 @@ class _Restore:
                 with self._lock:
                     self.entries += 1
                 return
-            except FileExistsError:  # something has the name: replaced as a temporary would
-                os.link(_fd_path(fd), temp, dst_dir_fd=dir_fd)
+            except FileExistsError:  # something took the name since it was looked at
+                if self.options.overwrite == "never":
+                    with self._lock:
+                        self.skipped += 1
+                    return
+                os.link(_fd_path(fd), temp, dst_dir_fd=dir_fd)  # replaced as a temporary would
+            except OSError:  # linking by /proc refused here: a named copy, as elsewhere
+                self._unnamed = False
+                self._name_copy(fd, dir_fd, temp)
         try:
             os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         except IsADirectoryError:
@@ -666,6 +671,38 @@ class _Restore:
             return
         with self._lock:
             self.entries += 1
+
+    def _name_copy(self, fd: int, dir_fd: int, temp: bytes) -> None:
+        """Copy the unnamed file ``fd`` (small, finished) to the temporary ``temp``."""
+        st = os.fstat(fd)
+        out = os.open(
+            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            dir_fd=dir_fd,
+        )  # fmt: skip
+        try:
+            os.ftruncate(out, st.st_size)  # holes stay holes
+            pos = 0
+            while pos < st.st_size:
+                data = os.pread(fd, min(1 << 20, st.st_size - pos), pos)
+                if not data:
+                    break
+                if data.count(0) != len(data):
+                    os.pwrite(out, data, pos)
+                pos += len(data)
+            if self.options.owners:
+                with contextlib.suppress(OSError):
+                    os.fchown(out, st.st_uid, st.st_gid)
+            for k in os.listxattr(fd):
+                with contextlib.suppress(OSError):
+                    os.setxattr(out, k, os.getxattr(fd, k))
+            os.fchmod(out, stat.S_IMODE(st.st_mode))
+            os.utime(out, ns=(st.st_mtime_ns, st.st_mtime_ns))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(temp, dir_fd=dir_fd)
+            raise
+        finally:
+            os.close(out)
 
     # -- files -----------------------------------------------------------------------
     def _temp_name(self) -> bytes:
@@ -929,7 +966,12 @@ class _Restore:
         except OSError as exc:  # e.g. the target is a directory
             self.fail(entry.path, f"not restored: cannot link to its target: {exc.strerror}")
             return
-        os.rename(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        try:
+            os.rename(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except IsADirectoryError:
+            os.unlink(temp, dir_fd=dir_fd)
+            self.fail(entry.path, "a directory is in the way; not replaced")
+            return
         # rename() does nothing when both names are links to one inode (an earlier restore's).
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp, dir_fd=dir_fd)
@@ -968,8 +1010,8 @@ class _Restore:
                 except (OSError, UnsafePath):
                     continue  # never made, or not a directory of this restore's
                 self.dirs.trim()
-            return
-        prefix += f"{self._member:x}"  # this process's own, not another member's of the run
+        else:
+            prefix += f"{self._member:x}"  # this process's own, not another member's
         for fd in [self.root_fd, *self.dirs.cached()]:
             _remove_prefixed(fd, prefix)
 
@@ -1007,6 +1049,27 @@ def _sweep_temporaries(dir_fd: int, own_prefix: bytes) -> None:
 
 def _proc_path(dir_fd: int, name: bytes) -> bytes:
     return b"/proc/self/fd/%d/" % dir_fd + name
+
+
+def _can_name_unnamed_files(dir_fd: int, probe: bytes) -> bool:
+    """Whether ``dir_fd`` takes unnamed files (``O_TMPFILE``) that ``linkat`` can name.
+
+    Tried once, with an unnamed file linked as ``probe`` and unlinked again.
+    """
+    if not hasattr(os, "O_TMPFILE"):
+        return False
+    try:
+        fd = os.open(b".", os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        os.link(_fd_path(fd), probe, dst_dir_fd=dir_fd)
+        os.unlink(probe, dir_fd=dir_fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _fd_path(fd: int) -> bytes:

@@ -458,6 +458,75 @@ def test_a_directory_in_the_way_is_named_and_kept(tmp_path: Path) -> None:
     assert not [p for p in restored.iterdir() if p.name.startswith(".cryo-restore-")]
 
 
+def test_a_directory_in_the_way_of_a_hard_link_is_named_and_kept(
+    tmp_path: Path, tree: Path
+) -> None:
+    backend, job = backup_tree(tmp_path, tree)
+    out = tmp_path / "out"
+    restored = out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))
+    # small.txt and dir/hardlink are one file: the job stores dir/hardlink (first in
+    # the walk) as the file and small.txt as a link to it.
+    (restored / "small.txt").mkdir(parents=True)
+    summary = run_restore(
+        backend, job, RestoreOptions(target=os.fsencode(out), overwrite="if-changed")
+    )
+    assert [(w.path.endswith("/small.txt"), w.message) for w in summary.failures] == [
+        (True, "a directory is in the way; not replaced")
+    ]
+    assert (restored / "small.txt").is_dir()
+    assert (restored / "dir" / "hardlink").read_bytes() == (tree / "small.txt").read_bytes()
+    assert list(out.rglob(".cryo-*")) == []
+
+
+def test_files_get_their_names_where_linking_an_unnamed_file_is_refused(
+    tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unnamed files work when the restore starts, then linking one under its name
+    # fails (a sandbox's /proc, a mount inside the target): each is copied instead.
+    backend, job = backup_tree(tmp_path, tree)
+    real_link = os.link
+    refused = []
+
+    def refusing_link(src: object, dst: bytes, **kw: object) -> None:
+        if isinstance(src, bytes) and src.startswith(b"/proc/") and b".cryo-" not in dst:
+            refused.append(dst)
+            raise OSError(errno.EPERM, "Operation not permitted")
+        real_link(src, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", refusing_link)
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert summary.failures == ()
+    assert refused
+    assert snapshot(out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))) == snapshot(tree)
+    assert list(out.rglob(".cryo-*")) == []
+
+
+def test_never_keeps_a_file_that_appears_while_the_restore_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("from the backup")
+    backend = LocalBackend(tmp_path / "repo")
+    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    out = tmp_path / "out"
+    restored = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
+    restored.mkdir(parents=True)
+    real_link = os.link
+
+    def someone_else_first(src_: object, dst: bytes, **kw: object) -> None:
+        if dst == b"f":  # another program creates the file just before it is named
+            (restored / "f").write_text("someone else's")
+        real_link(src_, dst, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "link", someone_else_first)
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out), overwrite="never"))
+    assert summary.failures == () and summary.skipped == 1
+    assert (restored / "f").read_text() == "someone else's"
+    assert list(out.rglob(".cryo-*")) == []
+
+
 def test_content_that_does_not_match_its_xxh3_is_never_restored(tmp_path: Path) -> None:
     # The chunk is sound (its SHA-256 matches); the manifest's file checksum is not.
     # One file is written in one piece (hashed as written), one in two (read back).
