@@ -61,7 +61,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from cryo.checksums import hash_zeros
 from cryo.directio import ALIGN, preallocate, pwrite_direct, refused
@@ -72,7 +72,9 @@ from cryo.jobreader import CorruptData, JobReader
 from cryo.jobs import int_attribute
 from cryo.manifest import ManifestEntry
 from cryo.retry import RetryingBackend, RetryPolicy
-from cryo.team import Send, Team
+
+if TYPE_CHECKING:
+    from cryo.team import Send, Team
 
 OVERWRITE_POLICIES = ("never", "if-changed", "always")
 _TEMP_PREFIX = b".cryo-restore-"
@@ -1300,6 +1302,8 @@ def _start_team(
     work = _helper_work(backend.reopen, job_id, r.options, count, r._temp_prefix, r.dirs.all_fresh)
     backend.before_fork()
     try:
+        from cryo.team import Team  # (multiprocessing's modules: only for a shared restore)
+
         team = Team.start(count, work, on_message, r.coordinator.fail)
     except OSError:  # no process to spare (EAGAIN, ENOMEM): this one does it all
         r.reconfigure(options)
