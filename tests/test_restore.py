@@ -422,13 +422,18 @@ def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:
     assert r.returncode == 2 and b"no such file" in r.stderr
 
 
-@pytest.mark.parametrize("policy", ["never", "always"])
-def test_overwrite_policies(tmp_path: Path, policy: str) -> None:
+def one_file_job(tmp_path: Path) -> tuple[Path, LocalBackend, str]:
+    """A job of one directory holding one file ``f``: (source, backend, job)."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_text("from the backup")
     backend = LocalBackend(tmp_path / "repo")
-    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    return src, backend, run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+
+
+@pytest.mark.parametrize("policy", ["never", "always"])
+def test_overwrite_policies(tmp_path: Path, policy: str) -> None:
+    src, backend, job = one_file_job(tmp_path)
     out = tmp_path / "out"
     target = out / os.fsdecode(os.fsencode(src / "f").lstrip(b"/"))
     target.parent.mkdir(parents=True)
@@ -478,14 +483,22 @@ def test_a_directory_in_the_way_of_a_hard_link_is_named_and_kept(
     assert list(out.rglob(".cryo-*")) == []
 
 
-def test_files_get_their_names_where_linking_an_unnamed_file_is_refused(
-    tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("refused_at", ["open", "link"])
+def test_files_get_their_names_where_unnamed_files_are_refused(
+    tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch, refused_at: str
 ) -> None:
-    # Unnamed files work when the restore starts, then linking one under its name
-    # fails (a sandbox's /proc, a mount inside the target): each is copied instead.
+    # "open": the file system has no O_TMPFILE, so files get named temporaries.
+    # "link": unnamed files work when the restore starts, then naming one fails (a
+    # sandbox's /proc, a mount inside the target): each is copied to a temporary.
     backend, job = backup_tree(tmp_path, tree)
-    real_link = os.link
+    real_open, real_link = os.open, os.link
     refused = []
+
+    def no_tmpfile(path: object, flags: int, *args: object, **kw: object) -> int:
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            refused.append(path)
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
 
     def refusing_link(src: object, dst: bytes, **kw: object) -> None:
         if isinstance(src, bytes) and src.startswith(b"/proc/") and b".cryo-" not in dst:
@@ -493,11 +506,14 @@ def test_files_get_their_names_where_linking_an_unnamed_file_is_refused(
             raise OSError(errno.EPERM, "Operation not permitted")
         real_link(src, dst, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "link", refusing_link)
+    if refused_at == "open":
+        monkeypatch.setattr(os, "open", no_tmpfile)
+    else:
+        monkeypatch.setattr(os, "link", refusing_link)
     out = tmp_path / "out"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
     assert summary.failures == ()
-    assert refused
+    assert refused  # it was tried, refused, and the files were named another way
     assert snapshot(out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))) == snapshot(tree)
     assert list(out.rglob(".cryo-*")) == []
 
@@ -505,11 +521,7 @@ def test_files_get_their_names_where_linking_an_unnamed_file_is_refused(
 def test_never_keeps_a_file_that_appears_while_the_restore_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "f").write_text("from the backup")
-    backend = LocalBackend(tmp_path / "repo")
-    job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
+    src, backend, job = one_file_job(tmp_path)
     out = tmp_path / "out"
     restored = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
     restored.mkdir(parents=True)
@@ -614,28 +626,6 @@ def test_large_files_restore_where_direct_io_is_refused(
     base = out / os.fsdecode(os.fsencode(tmp_path / "src").lstrip(b"/"))
     for name, data in files.items():
         assert (base / name).read_bytes() == data, name
-
-
-def test_a_file_system_without_unnamed_files_gets_named_temporaries(
-    tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    backend, job = backup_tree(tmp_path, tree)
-    real_open = os.open
-    refused = []
-
-    def no_tmpfile(path: object, flags: int, *args: object, **kw: object) -> int:
-        if flags & os.O_TMPFILE == os.O_TMPFILE:
-            refused.append(path)
-            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
-        return real_open(path, flags, *args, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(os, "open", no_tmpfile)
-    out = tmp_path / "out"
-    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
-    assert summary.failures == ()
-    assert refused  # it was tried, refused, and the files were made another way
-    assert snapshot(out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))) == snapshot(tree)
-    assert list(out.rglob(".cryo-*")) == []
 
 
 def test_a_corrupt_chunk_inside_a_large_file_fails_that_file_only(
