@@ -89,7 +89,7 @@ from cryo.checksums import CHUNK_ALGORITHM, chunk_checksum, hash_zeros, summary_
 from cryo.directio import ALIGN, cached_fraction, pread_direct, refused
 from cryo.encoding import encode
 from cryo.errors import IllegalArgumentException, ResourceNotFoundException
-from cryo.events import EventSink, FileWarning, Progress, ignore
+from cryo.events import EventSink, FileWarning, Progress, Ticker, ignore
 from cryo.executor import BoundedExecutor, Coordinator
 from cryo.jobreader import CorruptData, JobReader
 from cryo.jobs import DEFAULT_POOL, find_base, find_token_job, int_attribute
@@ -1244,17 +1244,11 @@ def run_backup(
             base=job.base_job_id,
         ),
     )
-    stop_ticker = threading.Event()
-
-    def tick() -> None:
-        while not stop_ticker.wait(0.25):
-            on_event(run.progress("backup"))
-
-    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker = Ticker(lambda: on_event(run.progress("backup")))
     ticker.start()
     if options.estimate_totals and options.stdin_name is None:
         threading.Thread(
-            target=run.estimate, args=(roots, stop_ticker), name="estimate", daemon=True
+            target=run.estimate, args=(roots, ticker.stopped), name="estimate", daemon=True
         ).start()
     reader_ = _FileReader(run)
     small = _SmallFiles(run, reader_, manifest)
@@ -1322,8 +1316,7 @@ def run_backup(
                 raise run.coordinator.error from None
             raise
     finally:
-        stop_ticker.set()
-        ticker.join()
+        ticker.stop()
     status = JOB_PARTIAL if run.warnings else JOB_COMPLETED
     seconds = clock() - started
     run.backend.complete_job(

@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 from cryo.checksums import hash_zeros
 from cryo.directio import ALIGN, preallocate, pwrite_direct, refused
 from cryo.errors import CryoError
-from cryo.events import EventSink, FileWarning, Progress, ignore
+from cryo.events import EventSink, FileWarning, Progress, Ticker, ignore
 from cryo.executor import BoundedExecutor, Cancelled, Coordinator
 from cryo.jobreader import CorruptData, JobReader
 from cryo.jobs import int_attribute
@@ -927,6 +927,18 @@ class _Restore:
         self.pool.shutdown(wait=True)
         self.coordinator.raise_if_failed()
 
+    def give_up(self, exc: BaseException) -> BaseException:
+        """After ``exc`` stopped the restore: clean up, and return what really stopped it.
+
+        A ``Cancelled`` is only a worker noticing the failure: the worker's own
+        error (the first fatal one) is the cause.
+        """
+        with contextlib.suppress(OSError):  # cleaning up must not hide why it stopped
+            self.abandon(exc)
+        if isinstance(exc, Cancelled) and self.coordinator.error is not None:
+            return self.coordinator.error
+        return exc
+
     def abandon(self, exc: BaseException) -> None:
         """Stop the fetches and remove every temporary still open (after a fatal error)."""
         self.coordinator.fail(exc)
@@ -1254,27 +1266,15 @@ def _helper_work(
     def work(index: int, send: Send) -> None:
         backend = open_backend()
         r = _Restore(backend, job_id, options, send, index, temp_prefix, fresh)
-        stop = threading.Event()
-
-        def report() -> None:
-            try:
-                while not stop.wait(0.25):
-                    send(r.counts())
-            except BaseException as exc:  # noqa: BLE001 - e.g. the pipe is gone: stop the share
-                r.coordinator.fail(exc)
-
-        ticker = threading.Thread(target=report, name="progress", daemon=True)
+        # A failing send (the pipe is gone) stops this share like any fatal error.
+        ticker = Ticker(lambda: send(r.counts()), on_error=r.coordinator.fail)
         ticker.start()
         try:
             _restore_entries(r, _Shard(index, count, options), lead=False)
         except BaseException as exc:  # noqa: BLE001 - re-raised as its cause, below
-            with contextlib.suppress(OSError):
-                r.abandon(exc)
-            cause = r.coordinator.error if isinstance(exc, Cancelled) else exc
-            raise (cause or exc) from None
+            raise r.give_up(exc) from None
         finally:
-            stop.set()
-            ticker.join()
+            ticker.stop()
             r.close()
         send(r.counts())
 
@@ -1333,13 +1333,7 @@ def run_restore(
         )
     r = _Restore(backend, job_id, options, on_event)
     team: Team | None = None
-    stop = threading.Event()
-
-    def tick() -> None:
-        while not stop.wait(0.25):
-            on_event(r.progress())
-
-    ticker = threading.Thread(target=tick, name="progress", daemon=True)
+    ticker = Ticker(lambda: on_event(r.progress()))
     try:
         job = r.backend.describe_job(job_id)
         if not options.includes and not options.excludes:
@@ -1366,22 +1360,18 @@ def run_restore(
             if team is not None:
                 team.stop()  # each helper removes its own temporaries
         finally:
-            with contextlib.suppress(OSError):  # cleaning up must not hide why it stopped
-                r.abandon(exc)
-        cause = r.coordinator.error if isinstance(exc, Cancelled) else exc
+            cause = r.give_up(exc)
         if isinstance(cause, OSError) and cause.errno in _TARGET_FULL:
             raise WriteFailed(
                 f"cannot write under {os.fsdecode(options.target)}: "
                 f"{cause.strerror or cause}; the files restored so far are complete, "
                 "the others were not written"
             ) from cause
-        if cause is not None and cause is not exc:
+        if cause is not exc:
             raise cause from cause.__cause__  # the worker's error, not the Cancelled it caused
         raise
     finally:
-        stop.set()
-        if ticker.ident is not None:
-            ticker.join()
+        ticker.stop()
         r.close()
     on_event(r.progress())
     c = r.counts()
