@@ -86,7 +86,7 @@ from typing import Any, BinaryIO
 
 from cryo import __version__
 from cryo.checksums import CHUNK_ALGORITHM, chunk_checksum, hash_zeros, summary_checksum
-from cryo.directio import ALIGN, cached_fraction, pread_direct, refused
+from cryo.directio import ALIGN, cached_fraction, pread_direct_into, refused
 from cryo.encoding import encode
 from cryo.errors import IllegalArgumentException, ResourceNotFoundException
 from cryo.events import EventSink, FileWarning, Progress, Ticker, ignore
@@ -396,6 +396,7 @@ class _Run:
         self.cpu = BoundedExecutor(options.cpu_workers, options.cpu_workers * 2, c, "encode")
         self.uploads = BoundedExecutor(options.connections, options.connections * 2, c, "upload")
         self.packer = _Packer(self)
+        self.frames = _Frames(options.chunk_size + 1)
 
     # -- objects and chunks ---------------------------------------------------
     def next_name(self) -> str:
@@ -409,19 +410,43 @@ class _Run:
     def new_object(self) -> _Object:
         return self.start_object(self.next_name())
 
-    def submit_chunk(self, obj: _Object, index: int, data: bytes) -> None:
+    def submit_chunk(
+        self, obj: _Object, index: int, data: Data, frame: bytearray | None = None
+    ) -> None:
+        """Store ``data`` as chunk ``index`` of ``obj`` (``frame``: see ``_Frames``)."""
         with obj.lock:
             obj.pending += 1
-        self.cpu.submit(self._encode, obj, index, data)
+        self.cpu.submit(self._encode, obj, index, data, frame)
 
-    def _encode(self, obj: _Object, index: int, data: bytes) -> None:
+    def _encode(self, obj: _Object, index: int, data: Data, frame: bytearray | None) -> None:
         self.coordinator.check()
-        stored = encode(data, self.options.compression_level)
-        self.uploads.submit(self._put, obj, index, stored, chunk_checksum(stored))
+        stored, frame = self._encoded(data, frame)
+        self.uploads.submit(self._put, obj, index, stored, chunk_checksum(stored), frame)
 
-    def _put(self, obj: _Object, index: int, stored: bytes, checksum: str) -> None:
-        self.coordinator.check()
-        self.backend.put_chunk(self.job_id, obj.upload_id, index, stored, len(stored), checksum)
+    def _encoded(
+        self, data: Data, frame: bytearray | None
+    ) -> tuple[bytes | bytearray, bytearray | None]:
+        """The stored form of ``data``, and the frame it still occupies (if any)."""
+        stored = encode(data, self.options.compression_level, frame)
+        if frame is not None and stored is not frame:
+            self.frames.give(frame)
+            frame = None
+        return stored, frame
+
+    def _put(
+        self,
+        obj: _Object,
+        index: int,
+        stored: bytes | bytearray,
+        checksum: str,
+        frame: bytearray | None,
+    ) -> None:
+        try:
+            self.coordinator.check()
+            self.backend.put_chunk(self.job_id, obj.upload_id, index, stored, len(stored), checksum)
+        finally:
+            if frame is not None:
+                self.frames.give(frame)
         self._stored(len(stored))
         with obj.lock:
             obj.checksums[index] = checksum
@@ -460,19 +485,34 @@ class _Run:
             metadata_blob_checksum_algorithm=CHUNK_ALGORITHM,
         )
 
-    def put_single(self, name: str, data: bytes, metadata: str | None) -> None:
-        self.cpu.submit(self._encode_single, name, data, metadata)
+    def put_single(
+        self, name: str, data: Data, metadata: str | None, frame: bytearray | None = None
+    ) -> None:
+        self.cpu.submit(self._encode_single, name, data, metadata, frame)
 
-    def _encode_single(self, name: str, data: bytes, metadata: str | None) -> None:
+    def _encode_single(
+        self, name: str, data: Data, metadata: str | None, frame: bytearray | None
+    ) -> None:
         self.coordinator.check()
-        stored = encode(data, self.options.compression_level)
-        self.uploads.submit(self._put_single, name, stored, chunk_checksum(stored), metadata)
+        stored, frame = self._encoded(data, frame)
+        self.uploads.submit(self._put_single, name, stored, chunk_checksum(stored), metadata, frame)
 
-    def _put_single(self, name: str, stored: bytes, checksum: str, metadata: str | None) -> None:
-        self.coordinator.check()
-        self.backend.put_object(
-            self.job_id, name, stored, len(stored), checksum, metadata_string=metadata
-        )
+    def _put_single(
+        self,
+        name: str,
+        stored: bytes | bytearray,
+        checksum: str,
+        metadata: str | None,
+        frame: bytearray | None,
+    ) -> None:
+        try:
+            self.coordinator.check()
+            self.backend.put_object(
+                self.job_id, name, stored, len(stored), checksum, metadata_string=metadata
+            )
+        finally:
+            if frame is not None:
+                self.frames.give(frame)
         self._stored(len(stored))
 
     # -- counters -------------------------------------------------------------
@@ -575,6 +615,40 @@ def _has_holes(fd: int, size: int, blocks: int) -> bool:
     return blocks * 512 < size and _data_regions(fd, size) != [(0, size)]
 
 
+Data = bytes | bytearray | memoryview
+"""The bytes of a slice of a file, as read."""
+
+
+class _Frames:
+    """Reused buffers that large files are read into, one chunk each.
+
+    A frame has one byte more than a chunk: the slice is read into it after
+    that byte, so a chunk stored raw becomes its stored form (tag byte, then
+    the bytes) in place, and the same pages carry chunk after chunk instead
+    of fresh memory being zeroed for each. A frame is given back once nothing
+    refers to its bytes any more (after its upload, or once compressed); a
+    frame never given back (a cancelled run) is simply freed.
+    """
+
+    KEEP = 32
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return bytearray(self.size)
+
+    def give(self, frame: bytearray) -> None:
+        with self._lock:
+            if len(self._free) < self.KEEP:
+                self._free.append(frame)
+
+
 class _Chunker:
     """A file's slices, in file order, as the chunks of its own object.
 
@@ -587,32 +661,33 @@ class _Chunker:
         self._run = run
         self._extents = extents
         self._obj: _Object | None = None
-        self._first: tuple[int, bytes] | None = None
+        self._first: tuple[int, Data, bytearray | None] | None = None
         self._index = 0
 
-    def add(self, file_offset: int, data: bytes) -> None:
+    def add(self, file_offset: int, data: Data, frame: bytearray | None = None) -> None:
+        """The next slice; ``frame``, where given, holds it (see ``_Frames``)."""
         if self._obj is None:
             if self._first is None:
-                self._first = (file_offset, data)
+                self._first = (file_offset, data, frame)
                 return
             self._obj = self._run.new_object()
             self._submit(*self._first)
             self._first = None
-        self._submit(file_offset, data)
+        self._submit(file_offset, data, frame)
 
-    def _submit(self, file_offset: int, data: bytes) -> None:
+    def _submit(self, file_offset: int, data: Data, frame: bytearray | None) -> None:
         assert self._obj is not None
-        self._run.submit_chunk(self._obj, self._index, data)
+        self._run.submit_chunk(self._obj, self._index, data, frame)
         self._extents.append(Extent(file_offset, self._obj.name, self._index, 0, len(data)))
         self._index += 1
 
     def close(self, m: ManifestEntry) -> None:
         """All slices added; ``m`` is the file's finished entry (its extents are ours)."""
         if self._first is not None:
-            offset, data = self._first
+            offset, data, frame = self._first
             name = self._run.next_name()
             self._extents.append(Extent(offset, name, 0, 0, len(data)))
-            self._run.put_single(name, data, compact_record(m))
+            self._run.put_single(name, data, compact_record(m), frame)
         elif self._obj is not None:
             self._obj.describe(m)
             self._run.seal(self._obj)
@@ -776,7 +851,7 @@ class _FileReader:
         run = self.run
         chunk_size = run.options.chunk_size
         pos = 0
-        data: bytes
+        got = 0
         for start, end in regions:
             hash_zeros(h, start - pos)
             pos = start
@@ -784,22 +859,28 @@ class _FileReader:
                 run.coordinator.check()
                 want = chunk_size if end is None else min(chunk_size, end - pos)
                 direct = run.direct_reads and pos % ALIGN == 0
-                if dfd is not None and direct:
-                    try:
-                        data = pread_direct(dfd, want, pos)
-                    except OSError as exc:
-                        if not refused(exc):
-                            raise _Unreadable(exc.strerror or str(exc)) from None
-                        run.direct_reads = direct = False  # read through the cache from here on
-                if dfd is None or not direct:
-                    data = _io(os.pread, fd, want, pos)
-                if not data:
+                frame = run.frames.take()
+                with memoryview(frame) as whole:
+                    into = whole[1 : 1 + want]
+                    if dfd is not None and direct:
+                        try:
+                            got = pread_direct_into(dfd, into, pos)
+                        except OSError as exc:
+                            if not refused(exc):
+                                raise _Unreadable(exc.strerror or str(exc)) from None
+                            run.direct_reads = direct = False  # read through the cache from now
+                    if dfd is None or not direct:
+                        got = _io(os.preadv, fd, [into], pos)
+                    into.release()
+                if not got:
+                    run.frames.give(frame)
                     break
+                data = memoryview(frame)[1 : 1 + got]
                 h.update(data)
-                run.read_bytes(len(data))
-                chunker.add(pos, data)
-                pos += len(data)
-                if end is None and len(data) < want:
+                run.read_bytes(got)
+                chunker.add(pos, data, frame)
+                pos += got
+                if end is None and got < want:
                     break
         return pos
 

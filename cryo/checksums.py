@@ -19,7 +19,7 @@ CHUNK_ALGORITHM = "SHA256"
 SUMMARY_ALGORITHM = "SUMMARY"
 
 
-def chunk_checksum(data: bytes | memoryview) -> str:
+def chunk_checksum(data: bytes | bytearray | memoryview) -> str:
     """Base64 SHA-256 of ``data``."""
     return base64.b64encode(hashlib.sha256(data).digest()).decode("ascii")
 

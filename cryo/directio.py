@@ -111,17 +111,37 @@ def pread_direct(fd: int, n: int, offset: int) -> bytes:
     assert offset % ALIGN == 0, "unaligned direct read"
     ask = -(-n // ALIGN) * ALIGN
     buf = BUFFERS.take(ask)
-    got = 0
     try:
         with memoryview(buf) as staged:
-            while got < n:
-                k = os.preadv(fd, [staged[got:ask]], offset + got)
-                got += k
-                if k == 0 or got % ALIGN:
-                    break  # the end of the file
-            return bytes(staged[: min(got, n)])
+            return bytes(staged[: _read_aligned(fd, staged, n, offset)])
     finally:
         BUFFERS.give(buf)
+
+
+def pread_direct_into(fd: int, out: memoryview, offset: int) -> int:
+    """``pread_direct`` into ``out`` (any alignment); returns the bytes read."""
+    assert offset % ALIGN == 0, "unaligned direct read"
+    n = len(out)
+    buf = BUFFERS.take(-(-n // ALIGN) * ALIGN)
+    try:
+        with memoryview(buf) as staged:
+            got = _read_aligned(fd, staged, n, offset)
+            out[:got] = staged[:got]
+            return got
+    finally:
+        BUFFERS.give(buf)
+
+
+def _read_aligned(fd: int, staged: memoryview, n: int, offset: int) -> int:
+    """Read up to ``n`` bytes at ``offset`` into the aligned ``staged``; returns how many."""
+    ask = -(-n // ALIGN) * ALIGN
+    got = 0
+    while got < n:
+        k = os.preadv(fd, [staged[got:ask]], offset + got)
+        got += k
+        if k == 0 or got % ALIGN:
+            break  # the end of the file
+    return min(got, n)
 
 
 _fallocate: Any = None

@@ -61,8 +61,15 @@ def _decompressor() -> Any:
     return d
 
 
-def encode(data: bytes | bytearray | memoryview, level: int | None) -> bytes:
-    """The stored form of ``data``; ``level`` None disables compression."""
+def encode(
+    data: bytes | bytearray | memoryview, level: int | None, frame: bytearray | None = None
+) -> bytes | bytearray:
+    """The stored form of ``data``; ``level`` None disables compression.
+
+    ``frame``, where given, is a buffer whose bytes after the first are
+    ``data``: a chunk stored raw is then tagged in place and, when it fills
+    the frame, the frame itself is the stored form (no copy of the chunk).
+    """
     view = memoryview(data)
     if level is not None and len(view) >= 64:
         c = _compressor(level)
@@ -71,6 +78,11 @@ def encode(data: bytes | bytearray | memoryview, level: int | None) -> bytes:
             packed: bytes = c.compress(view)
             if len(packed) < len(view) * KEEP_MAX_RATIO:
                 return b"".join((_ZSTD_PREFIX, packed))
+    if frame is not None:
+        frame[0] = TAG_RAW
+        if len(frame) == len(view) + 1:
+            return frame
+        return bytes(memoryview(frame)[: len(view) + 1])
     return b"".join((_RAW_PREFIX, view))
 
 

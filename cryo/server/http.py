@@ -95,6 +95,23 @@ class SocketReader:
         del self._buf[:end]
         return line
 
+    def readinto(self, view: memoryview) -> int:
+        """Fill ``view`` (fewer bytes only at the end of the stream); returns the count.
+
+        The bytes go straight from the socket into the caller's buffer, so a
+        server that reuses one buffer per thread allocates nothing per request.
+        """
+        have = min(len(self._buf), len(view))
+        if have:
+            view[:have] = self._buf[:have]
+            del self._buf[:have]
+        while have < len(view):
+            got = self._sock.recv_into(view[have:])
+            if not got:
+                break
+            have += got
+        return have
+
     def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; fewer only at the end of the stream."""
         if n <= len(self._buf):
@@ -175,6 +192,28 @@ class Body:
         if self._done:
             self._check()
         return data
+
+    def readinto(self, view: memoryview, /) -> int:
+        """``read`` into the caller's buffer; 0 only at the end of the body."""
+        if self._done or not len(view):
+            return 0
+        if self._chunked:
+            data = self._read_chunked(len(view))
+            got = len(data)
+            view[:got] = data
+        else:
+            got = self._reader.readinto(view[: min(len(view), self._left)])
+            if not got:
+                raise ConnectionLost("the client closed the connection in the middle of the body")
+            self._left -= got
+            if not self._left:
+                self._done = True
+        self.consumed += got
+        if self._hash is not None:
+            self._hash.update(view[:got])
+        if self._done:
+            self._check()
+        return got
 
     def _read_plain(self, n: int) -> bytes:
         data = self._reader.read(min(n, self._left))

@@ -33,7 +33,7 @@ from cryo.directio import ALIGN, BUFFERS, STAGE, cached_fraction, pread_direct, 
 class ChunkWriter(Protocol):
     """A chunk being written; nothing is visible until ``commit``."""
 
-    def write(self, data: bytes | memoryview) -> None: ...
+    def write(self, data: bytes | bytearray | memoryview) -> None: ...
 
     def seal(self) -> None:
         """Flush the written bytes to stable storage (the slow part of a commit)."""
@@ -47,7 +47,7 @@ class ChunkWriter(Protocol):
 
 
 class ChunkStore(Protocol):
-    def put(self, key: str, data: bytes | memoryview) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         """Durably store ``data`` under ``key`` (atomic, idempotent)."""
         ...
 
@@ -105,7 +105,7 @@ class _FileWriter:
                 store.direct = self._direct = False
         self._fd = os.open(self._tmp, flags, 0o600)
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._fd is None:
             raise ValueError("write to a sealed chunk writer")
         view = memoryview(data).cast("B")
@@ -242,7 +242,7 @@ class FileChunkStore:
     def writer(self) -> _FileWriter:
         return _FileWriter(self)
 
-    def put(self, key: str, data: bytes | memoryview) -> None:
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         w = self.writer()
         try:
             w.write(data)

@@ -104,7 +104,7 @@ _READ_PIECE = 1024 * 1024
 _MAX_CHUNK_INDEX = 2**31 - 1
 _POOL_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
-Body = bytes | memoryview | BinaryIO
+Body = bytes | bytearray | memoryview | BinaryIO
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -250,16 +250,26 @@ def _key_of(checksum: str | None, field: str) -> str:
     return key
 
 
-def _pieces(data: Body, length: int) -> Iterator[bytes | memoryview]:
-    """The body in pieces; raises IllegalArgumentException if it is not ``length`` bytes."""
-    if isinstance(data, bytes | memoryview):
+def _pieces(data: Body, length: int) -> Iterator[bytes | bytearray | memoryview]:
+    """The body in pieces; raises IllegalArgumentException if it is not ``length`` bytes.
+
+    A body that can ``readinto`` is read into one buffer per thread, reused
+    for every piece: a piece is valid only until the next one is asked for.
+    """
+    if isinstance(data, bytes | bytearray | memoryview):
         if len(data) != length:
             raise IllegalArgumentException(f"Length is {length} but the body has {len(data)} bytes")
         yield data
         return
+    readinto = getattr(data, "readinto", None)
     remaining = length
     while remaining:
-        piece = data.read(min(_READ_PIECE, remaining))
+        if readinto is not None:
+            buf = _receive_buffer()
+            got = readinto(buf[: min(_READ_PIECE, remaining)])
+            piece: bytes | memoryview = buf[:got]
+        else:
+            piece = data.read(min(_READ_PIECE, remaining))
         if not piece:
             raise IllegalArgumentException(
                 f"Length is {length} but the body ended after {length - remaining} bytes"
@@ -268,6 +278,17 @@ def _pieces(data: Body, length: int) -> Iterator[bytes | memoryview]:
         yield piece
     if data.read(1):
         raise IllegalArgumentException(f"Length is {length} but the body is longer")
+
+
+_threads = threading.local()
+
+
+def _receive_buffer() -> memoryview:
+    """This thread's buffer for reading request bodies (allocated once, then reused)."""
+    buf: memoryview | None = getattr(_threads, "receive_buffer", None)
+    if buf is None:
+        buf = _threads.receive_buffer = memoryview(bytearray(_READ_PIECE))
+    return buf
 
 
 def _encode_name_token(name: str) -> str:
@@ -589,7 +610,7 @@ class LocalBackend:
                 writer.abort()
         elif writer is not None:
             writer.commit(key)
-        elif isinstance(data, bytes | memoryview):
+        elif isinstance(data, bytes | bytearray | memoryview):
             store.put(key, data)
         else:
             raise RetryableException("the chunk was reclaimed while it was received; send it again")
@@ -795,7 +816,9 @@ class LocalBackend:
         algorithm: str | None,
     ) -> tuple[str | None, int | None, ChunkWriter | None]:
         """Read and verify a MetadataBlob; (key, length, writer), or Nones when there is none."""
-        sent = blob is not None and not (isinstance(blob, bytes | memoryview) and len(blob) == 0)
+        sent = blob is not None and not (
+            isinstance(blob, bytes | bytearray | memoryview) and len(blob) == 0
+        )
         if not sent and not length and checksum is None:
             return None, None, None
         if length is None:
