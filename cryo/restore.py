@@ -1164,43 +1164,59 @@ def _target_is_empty(target: bytes) -> bool:
 
 
 class _Shard:
-    """Which regular files of the job one process restores, when several share it.
+    """Which entries of the job one process restores, when several share it.
 
-    Consecutive files (in manifest order) form units of about ``unit_bytes``
-    or ``unit_files``; a unit ends only where a file starts in a chunk the
-    file before it did not use, so files that share a chunk stay together and
-    each chunk is fetched once. Unit ``n`` belongs to process ``n % count``.
-    Every process reads the same manifest with the same selection, so they
-    all agree without talking to each other.
+    Consecutive regular files (in manifest order) form units of about
+    ``unit_bytes`` or ``unit_files``; a unit ends only where a file starts in
+    a chunk the file before it did not use, so files that share a chunk stay
+    together and each chunk is fetched once. Each unit goes to the process
+    with the least work dealt so far (a file costs one creation plus its
+    bytes, see ``_BYTES_PER_FILE``); every other entry (directories, links,
+    special files) is the first process's, and counts as its work. Every
+    process reads the same manifest with the same selection, so they all
+    agree on who does what without talking to each other, and the first
+    process, which also places everything else, is not the last to finish.
     """
 
     def __init__(self, index: int, count: int, options: RestoreOptions) -> None:
         self.index, self.count = index, count
         self._max_files, self._max_bytes = options.unit_files, options.unit_bytes
-        self._unit = self._bytes = self._files = 0
+        self._bytes = self._files = 0
+        self._owner = -1
         self._last: tuple[str, int] | None = None
+        self._work = [0.0] * count
 
     def mine(self, entry: ManifestEntry) -> bool:
+        """Whether ``entry`` is this process's to restore (call it for every selected entry)."""
+        if entry.kind != "f":
+            self._work[0] += 1
+            return self.index == 0
         extents = entry.extents
-        if self._bytes >= self._max_bytes or self._files >= self._max_files:
+        if self._owner < 0 or self._bytes >= self._max_bytes or self._files >= self._max_files:
             first = (extents[0].object_name, extents[0].chunk_index) if extents else None
-            if first != self._last:
-                self._unit += 1
+            if self._owner < 0 or first != self._last:
+                work = self._work
+                self._owner = min(range(self.count), key=work.__getitem__)
                 self._bytes = self._files = 0
         self._bytes += entry.size
         self._files += 1
+        self._work[self._owner] += 1 + entry.size / _BYTES_PER_FILE
         if extents:
             self._last = (extents[-1].object_name, extents[-1].chunk_index)
-        return self._unit % self.count == self.index
+        return self._owner == self.index
 
 
-def _restore_entries(r: _Restore, shard: _Shard | None, lead: bool) -> None:
+_BYTES_PER_FILE = 96 * 1024
+"""Bytes that take a restore about as long as creating one file does."""
+
+
+def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
     """Stream the manifest and restore this process's share of it, then wait for its fetches.
 
-    The lead process places everything but regular files (directories,
-    symlinks, special files) and collects hard links and directories for
-    later; every process restores the regular files its ``shard`` gives it
-    (all of them without one).
+    Without a ``shard``, everything. The first process places everything but
+    regular files (directories, symlinks, special files) and collects hard
+    links and directories for later; every process restores the regular
+    files its ``shard`` gives it.
     """
     options = r.options
     _, entries = r.reader.manifest()
@@ -1210,12 +1226,9 @@ def _restore_entries(r: _Restore, shard: _Shard | None, lead: bool) -> None:
         r.coordinator.raise_if_failed()  # a fetch worker's fatal error stops the reading
         if not r.selected(entry):
             continue
-        if entry.kind == "f":
-            if r.shared:
-                r.file_dirs.add(entry.path.rpartition(b"/")[0])
-            if shard is not None and not shard.mine(entry):
-                continue
-        elif not lead:
+        if entry.kind == "f" and r.shared:
+            r.file_dirs.add(entry.path.rpartition(b"/")[0])
+        if shard is not None and not shard.mine(entry):
             continue
         r.dirs.trim()
         try:
@@ -1270,7 +1283,7 @@ def _helper_work(
         ticker = Ticker(lambda: send(r.counts()), on_error=r.coordinator.fail)
         ticker.start()
         try:
-            _restore_entries(r, _Shard(index, count, options), lead=False)
+            _restore_entries(r, _Shard(index, count, options))
         except BaseException as exc:  # noqa: BLE001 - re-raised as its cause, below
             raise r.give_up(exc) from None
         finally:
@@ -1345,7 +1358,7 @@ def run_restore(
         if count > 1 and (options.overwrite != "always" or r.dirs.all_fresh):
             team = _start_team(r, backend, job_id, count, on_event)
         ticker.start()  # threads only once every helper is forked
-        _restore_entries(r, None if team is None else _Shard(0, count, options), lead=True)
+        _restore_entries(r, None if team is None else _Shard(0, count, options))
         if team is not None:
             team.wait(r.coordinator.raise_if_failed)
         for parts, entry in r.hardlinks:

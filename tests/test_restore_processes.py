@@ -139,8 +139,10 @@ def test_a_corrupt_chunk_in_a_helpers_share_is_named_once_and_the_rest_restored(
     # A file of the helper's share (dealt out as the restore deals), and every file of its chunk.
     share = _Shard(1, 2, options)
     _, entries = JobReader(backend, job).manifest()
-    files = [e for e in entries if e.kind == "f"]
-    victim = next(e for e in files if share.mine(e) and e.extents)
+    every = list(entries)
+    helpers = [e for e in every if share.mine(e)]  # the shard sees every entry, as a restore does
+    files = [e for e in every if e.kind == "f"]
+    victim = next(e for e in helpers if e.kind == "f" and e.extents)
     bad = (victim.extents[0].object_name, victim.extents[0].chunk_index)
     hit = {e.path for e in files if bad in {(x.object_name, x.chunk_index) for x in e.extents}}
     _corrupt_chunk_of(backend, job, victim.path)
