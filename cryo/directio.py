@@ -144,6 +144,42 @@ def _read_aligned(fd: int, staged: memoryview, n: int, offset: int) -> int:
     return min(got, n)
 
 
+def send_file(sock: Any, file: Any, length: int) -> int:
+    """Send the first ``length`` bytes of ``file`` on ``sock``; returns the bytes sent.
+
+    A file mostly in the page cache goes out with ``sendfile``. A cold one
+    is read with ``O_DIRECT`` into a reused buffer and sent from there: the
+    pages the kernel would read it into are fresh ones, and on a virtual
+    machine the first touch of a fresh page is dear (here, 1.3 GiB of cold
+    chunk files sent with ``sendfile`` cost the receiving process over a
+    second more system time than the same bytes sent from a reused buffer).
+    """
+    fd = file.fileno()
+    share = cached_fraction(fd, length) if length >= ALIGN else None
+    if share is not None and share < 0.5:
+        try:
+            dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
+        except OSError:
+            dfd = None  # refused here, or no /proc: through the page cache
+        if dfd is not None:
+            buf = BUFFERS.take(-(-length // ALIGN) * ALIGN)
+            try:
+                with memoryview(buf) as staged:
+                    try:
+                        got = _read_aligned(dfd, staged, length, 0)
+                    except OSError as exc:
+                        if not refused(exc):
+                            raise
+                        got = -1  # refused at the read: through the page cache
+                    if got >= 0:
+                        sock.sendall(staged[:got])
+                        return got
+            finally:
+                BUFFERS.give(buf)
+                os.close(dfd)
+    return int(sock.sendfile(file, 0, length)) if length else 0
+
+
 _fallocate: Any = None
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
+from cryo.directio import send_file
 from cryo.storage.chunkstore import FileChunkStore
 
 from .storage_helpers import refuse_direct_io
@@ -79,6 +82,42 @@ def test_a_chunk_file_on_disk_is_read_where_direct_reads_are_refused(
     refuse_direct_io(monkeypatch)
     assert store.get(key) == data
     assert store.direct_reads is False
+
+
+def _sent(path: Path) -> bytes:
+    """What ``send_file`` puts on a socket for the whole file at ``path``."""
+    length = path.stat().st_size
+    a, b = socket.socketpair()
+    got = bytearray()
+
+    def receive() -> None:
+        while piece := b.recv(MiB):
+            got.extend(piece)
+
+    with a, b, path.open("rb") as f:
+        reader = threading.Thread(target=receive)
+        reader.start()
+        assert send_file(a, f, length) == length
+        a.shutdown(socket.SHUT_WR)
+        reader.join()
+    return bytes(got)
+
+
+@pytest.mark.parametrize("refused", [False, True])
+def test_chunk_files_are_sent_whole_from_disk_or_from_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: bool
+) -> None:
+    store = FileChunkStore(tmp_path)
+    rng = random.Random(6)
+    if refused:
+        refuse_direct_io(monkeypatch)
+    for length in (4096, MiB + 1, 4 * MiB):
+        data = rng.randbytes(length)
+        path = store.path_of(_store_in_pieces(store, data, rng))
+        assert evict_from_page_cache(path)
+        assert _sent(path) == data  # cold: read around the page cache (unless refused)
+        assert cached_share(path) == (1.0 if refused else 0.0)
+        assert _sent(path) == data  # now from the page cache when it was read through it
 
 
 def test_aborted_writer_leaves_nothing(tmp_path: Path) -> None:

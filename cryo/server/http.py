@@ -6,7 +6,8 @@
   room; otherwise the newcomer waits for a worker.
 * Request bodies are read from the socket in pieces of at most 1 MiB as the
   storage engine asks for them, never whole: memory stays flat however many
-  chunks are in flight. GetChunk replies go out with ``sendfile``.
+  chunks are in flight. GetChunk replies go out with ``sendfile`` (a cold chunk
+  file: read around the page cache, see ``cryo.directio.send_file``).
 * After an error, the rest of a body (up to the largest valid one) is read
   and dropped so the client, still sending, gets the reply; a larger one
   ends the connection.
@@ -35,6 +36,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import IO, Any, cast
 
 from cryo import __version__
+from cryo.directio import send_file
 from cryo.errors import (
     AccessDeniedException,
     DataAlreadyExistsException,
@@ -598,7 +600,7 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.sendall(head + body)
             return
         self.connection.sendall(head)
-        sent = self.connection.sendfile(file, 0, file_length) if file_length else 0
+        sent = send_file(self.connection, file, file_length)
         if sent != file_length:
             self.close_connection = True
             raise ConnectionLost(f"sent {sent} of {file_length} bytes of a chunk")
