@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import socket
 import threading
@@ -44,6 +45,28 @@ def test_chunks_of_every_length_read_back_exactly(tmp_path: Path, direct: bool) 
         store.put(key + "-whole", data)  # the one-call path
         assert store.get(key + "-whole") == data
     assert list((tmp_path / "tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_chunks_received_from_a_stream_are_stored_exactly(tmp_path: Path, direct: bool) -> None:
+    """Bytes read straight into the writer's buffer, in pieces of any size, as a server reads."""
+    store = FileChunkStore(tmp_path, direct=direct)
+    rng = random.Random(7)
+    for length in LENGTHS:
+        data = rng.randbytes(length)
+        stream = io.BytesIO(data)
+        w = store.writer()
+        received = bytearray()
+        while len(received) < length:
+            piece = w.receive(stream.readinto, rng.choice([1, 4096, 70_000, MiB, 3 * MiB]))
+            assert piece, "the stream ended early"
+            received += piece
+            piece.release()
+        key = hashlib.sha256(data).hexdigest()
+        w.commit(key)
+        assert received == data  # what the caller hashed is what was stored
+        assert store.get(key) == data
+        assert store.path_of(key).stat().st_size == length
 
 
 def test_a_file_system_without_direct_io_gets_ordinary_writes(

@@ -23,7 +23,8 @@ import fcntl
 import mmap
 import os
 import secrets
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -34,6 +35,15 @@ class ChunkWriter(Protocol):
     """A chunk being written; nothing is visible until ``commit``."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def receive(self, readinto: Callable[[memoryview], int], n: int) -> memoryview:
+        """Write what ``readinto`` puts into a view of at most ``n`` bytes; returns those bytes.
+
+        The bytes are read where they are written from, with no copy between.
+        The returned view is valid until the next call and must be released
+        by then; an empty one means ``readinto`` had nothing more.
+        """
+        ...
 
     def seal(self) -> None:
         """Flush the written bytes to stable storage (the slow part of a commit)."""
@@ -123,6 +133,30 @@ class _FileWriter:
             if self._fill == STAGE:
                 self._flush(STAGE)
 
+    def receive(self, readinto: Callable[[memoryview], int], n: int) -> memoryview:
+        if self._fd is None:
+            raise ValueError("write to a sealed chunk writer")
+        if not self._direct:
+            view = _receive_buffer()[: min(n, _RECEIVE)]
+            got = readinto(view)
+            piece = view[:got]
+            view.release()
+            _write_all(self._fd, piece)
+            self._length += got
+            return piece
+        if self._buf is None:
+            self._buf = BUFFERS.take()
+        elif self._fill == STAGE:
+            self._flush(STAGE)  # the previous piece is hashed by now: its place is free
+        with memoryview(self._buf) as whole:
+            view = whole[self._fill : self._fill + min(n, STAGE - self._fill)]
+        got = readinto(view)
+        self._fill += got
+        self._length += got
+        piece = view[:got]
+        view.release()
+        return piece
+
     def _flush(self, n: int) -> None:
         """Write the first ``n`` bytes of the buffer (a multiple of the alignment)."""
         assert self._fd is not None and self._buf is not None
@@ -183,6 +217,18 @@ class _FileWriter:
             self._fd = None
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
+
+
+_RECEIVE = 1024 * 1024
+_threads = threading.local()
+
+
+def _receive_buffer() -> memoryview:
+    """This thread's buffer for bytes received to be written through the page cache."""
+    buf: memoryview | None = getattr(_threads, "receive_buffer", None)
+    if buf is None:
+        buf = _threads.receive_buffer = memoryview(bytearray(_RECEIVE))
+    return buf
 
 
 def _read_all(fd: int, size: int) -> bytes:

@@ -46,10 +46,10 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 from cryo.checksums import (
     CHUNK_ALGORITHM,
@@ -277,6 +277,27 @@ def _pieces(data: Body, length: int) -> Iterator[bytes | bytearray | memoryview]
         remaining -= len(piece)
         yield piece
     if data.read(1):
+        raise IllegalArgumentException(f"Length is {length} but the body is longer")
+
+
+def _receive_into(
+    writer: ChunkWriter, readinto: Callable[[memoryview], int], data: Body, length: int, h: Any
+) -> None:
+    """Receive a streamed body of ``length`` bytes straight into ``writer``, hashing it on ``h``."""
+    remaining = length
+    while remaining:
+        piece = writer.receive(readinto, min(_READ_PIECE, remaining))
+        try:
+            if not piece:
+                raise IllegalArgumentException(
+                    f"Length is {length} but the body ended after {length - remaining} bytes"
+                )
+            if h is not None:
+                h.update(piece)
+            remaining -= len(piece)
+        finally:
+            piece.release()
+    if cast(BinaryIO, data).read(1):
         raise IllegalArgumentException(f"Length is {length} but the body is longer")
 
 
@@ -578,11 +599,15 @@ class LocalBackend:
         writer = None if store.exists(key) else store.writer()
         try:
             h = None if self.trust_checksums else hashlib.sha256()
-            for piece in _pieces(data, length):
-                if h is not None:
-                    h.update(piece)
-                if writer is not None:
-                    writer.write(piece)
+            readinto = getattr(data, "readinto", None)
+            if writer is not None and readinto is not None:
+                _receive_into(writer, readinto, data, length, h)
+            else:
+                for piece in _pieces(data, length):
+                    if h is not None:
+                        h.update(piece)
+                    if writer is not None:
+                        writer.write(piece)
             if h is not None and b64_of_digest(h.digest()) != checksum:
                 raise IllegalArgumentException(
                     f"{field}Checksum does not match the SHA-256 of the {length} bytes received"
