@@ -530,10 +530,27 @@ class Tool:
         """Stop whatever ``prepare`` started."""
 
 
+def byte_compile_cryo() -> None:
+    """Compile cryo's modules ahead of the run, as installing a package does.
+
+    pip compiles a package's modules when it installs it; an editable
+    install run with ``PYTHONDONTWRITEBYTECODE`` set would instead compile
+    every module changed since its last bytecode at every start (tens of
+    milliseconds per command), which no installed copy pays.
+    """
+    import compileall
+    import importlib.util
+
+    spec = importlib.util.find_spec("cryo")
+    if spec is not None and spec.origin is not None:
+        compileall.compile_dir(str(Path(spec.origin).parent), quiet=1)
+
+
 class CryoEmbedded(Tool):
     name = "cryo-embedded"
 
     def available(self) -> str | None:
+        byte_compile_cryo()
         return f"cryo {importlib.metadata.version('cryo')} ({git_revision()})"
 
     def command(self) -> list[str]:
