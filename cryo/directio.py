@@ -21,6 +21,7 @@ gets ordinary writes: callers fall back, and never fail for it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import mmap
 import os
@@ -64,7 +65,8 @@ class BufferPool:
             if len(free) < self.KEEP:
                 free.append(buf)
                 return
-        buf.close()
+        with contextlib.suppress(BufferError):  # a view still held (a traceback's): freed with it
+            buf.close()
 
 
 BUFFERS = BufferPool()
@@ -144,6 +146,10 @@ def _read_aligned(fd: int, staged: memoryview, n: int, offset: int) -> int:
     return min(got, n)
 
 
+_send_direct = True
+"""Whether ``send_file`` reads cold files with ``O_DIRECT`` (until it is refused)."""
+
+
 def send_file(sock: Any, file: Any, length: int) -> int:
     """Send the first ``length`` bytes of ``file`` on ``sock``; returns the bytes sent.
 
@@ -154,13 +160,15 @@ def send_file(sock: Any, file: Any, length: int) -> int:
     chunk files sent with ``sendfile`` cost the receiving process over a
     second more system time than the same bytes sent from a reused buffer).
     """
+    global _send_direct
     fd = file.fileno()
-    share = cached_fraction(fd, length) if length >= ALIGN else None
+    share = cached_fraction(fd, length) if length >= ALIGN and _send_direct else None
     if share is not None and share < 0.5:
         try:
             dfd = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         except OSError:
-            dfd = None  # refused here, or no /proc: through the page cache
+            dfd = None  # refused here, or no /proc: through the page cache from now on
+            _send_direct = False
         if dfd is not None:
             buf = BUFFERS.take(-(-length // ALIGN) * ALIGN)
             try:
@@ -170,7 +178,8 @@ def send_file(sock: Any, file: Any, length: int) -> int:
                     except OSError as exc:
                         if not refused(exc):
                             raise
-                        got = -1  # refused at the read: through the page cache
+                        got = -1  # refused at the read: through the page cache from now on
+                        _send_direct = False
                     if got >= 0:
                         sock.sendall(staged[:got])
                         return got

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import io
+import os
 import random
 import socket
 import threading
@@ -11,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from cryo.directio import send_file
+from cryo import directio
+from cryo.directio import BUFFERS, send_file
 from cryo.storage.chunkstore import FileChunkStore
 
 from .storage_helpers import refuse_direct_io
@@ -67,6 +71,61 @@ def test_chunks_received_from_a_stream_are_stored_exactly(tmp_path: Path, direct
         assert received == data  # what the caller hashed is what was stored
         assert store.get(key) == data
         assert store.path_of(key).stat().st_size == length
+
+
+def refuse_direct_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct opens succeed but direct writes fail, as on a file system that checks late."""
+    real_write = os.write
+
+    def refusing_write(fd: int, data: bytes) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", refusing_write)
+
+
+@pytest.mark.parametrize("how", ["write", "receive"])
+def test_direct_writes_refused_after_the_open_keep_every_byte_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    refuse_direct_writes(monkeypatch)
+    rng = random.Random(8)
+    for length in (MiB + 1, 2 * MiB + 3, 3 * MiB + MiB // 2, 4 * MiB):
+        store = FileChunkStore(tmp_path / str(length))
+        data = rng.randbytes(length)
+        key = hashlib.sha256(data).hexdigest()
+        if how == "write":
+            _store_in_pieces(store, data, rng)
+        else:
+            w = store.writer()
+            stream = io.BytesIO(data)
+            while piece := w.receive(stream.readinto, rng.choice([4096, 700_000, MiB])):
+                piece.release()
+            w.commit(key)
+        assert store.get(key) == data
+        assert store.direct is False
+
+
+def test_a_body_that_breaks_off_leaves_no_temporary_and_its_own_error(tmp_path: Path) -> None:
+    """The client's reading fails (its traceback still holding the buffer): abort cleans up."""
+    store = FileChunkStore(tmp_path)
+
+    def breaking(view: memoryview) -> int:
+        view[:10] = b"x" * 10
+        raise ConnectionResetError("the client went away")
+
+    w = store.writer()
+    kept: list[BaseException] = []
+    try:
+        w.receive(breaking, MiB)
+    except ConnectionResetError as exc:
+        kept.append(exc)  # as a server's error report would keep it
+    spare = [BUFFERS.take() for _ in range(BUFFERS.KEEP)]
+    for buf in spare:
+        BUFFERS.give(buf)  # the pool is full: the writer's buffer is closed when it comes back
+    w.abort()
+    assert kept and list((tmp_path / "tmp").iterdir()) == []
 
 
 def test_a_file_system_without_direct_io_gets_ordinary_writes(
@@ -132,6 +191,7 @@ def test_chunk_files_are_sent_whole_from_disk_or_from_the_page_cache(
 ) -> None:
     store = FileChunkStore(tmp_path)
     rng = random.Random(6)
+    monkeypatch.setattr(directio, "_send_direct", True)  # a refusal is remembered: undo it after
     if refused:
         refuse_direct_io(monkeypatch)
     for length in (4096, MiB + 1, 4 * MiB):

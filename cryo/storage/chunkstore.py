@@ -120,12 +120,12 @@ class _FileWriter:
             raise ValueError("write to a sealed chunk writer")
         view = memoryview(data).cast("B")
         self._length += len(view)
-        if not self._direct:
-            _write_all(self._fd, view)
-            return
-        if self._buf is None:
-            self._buf = BUFFERS.take()
         while view:
+            if not self._direct:  # from the start, or since a flush was refused: nothing is staged
+                _write_all(self._fd, view)
+                return
+            if self._buf is None:
+                self._buf = BUFFERS.take()
             n = min(len(view), STAGE - self._fill)
             self._buf[self._fill : self._fill + n] = view[:n]
             self._fill += n
@@ -136,46 +136,47 @@ class _FileWriter:
     def receive(self, readinto: Callable[[memoryview], int], n: int) -> memoryview:
         if self._fd is None:
             raise ValueError("write to a sealed chunk writer")
-        if not self._direct:
-            view = _receive_buffer()[: min(n, _RECEIVE)]
-            got = readinto(view)
-            piece = view[:got]
-            view.release()
+        if self._direct and self._fill == STAGE:
+            self._flush(STAGE)  # the previous piece is hashed by now: its place is free
+        if not self._direct:  # from the start, or since a flush was refused: nothing is staged
+            with _receive_buffer()[: min(n, _RECEIVE)] as view:
+                got = readinto(view)
+                piece = view[:got]
             _write_all(self._fd, piece)
             self._length += got
             return piece
         if self._buf is None:
             self._buf = BUFFERS.take()
-        elif self._fill == STAGE:
-            self._flush(STAGE)  # the previous piece is hashed by now: its place is free
-        with memoryview(self._buf) as whole:
-            view = whole[self._fill : self._fill + min(n, STAGE - self._fill)]
-        got = readinto(view)
+        space = min(n, STAGE - self._fill)
+        with memoryview(self._buf) as whole, whole[self._fill : self._fill + space] as view:
+            got = readinto(view)
+            piece = view[:got]
         self._fill += got
         self._length += got
-        piece = view[:got]
-        view.release()
         return piece
 
     def _flush(self, n: int) -> None:
         """Write the first ``n`` bytes of the buffer (a multiple of the alignment)."""
         assert self._fd is not None and self._buf is not None
-        staged = memoryview(self._buf)[:n]
-        try:
-            while staged:
-                done = os.write(self._fd, staged)
-                staged = staged[done:]
-                if done % ALIGN:
-                    break  # an odd short write: the rest goes through the page cache
-        except OSError as exc:
-            if not refused(exc):
-                raise
-        if staged:
-            self._store.direct = self._direct = False
-            fcntl.fcntl(
-                self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT
-            )
-            _write_all(self._fd, staged)
+        with memoryview(self._buf) as whole:
+            staged = whole[:n]
+            try:
+                while staged:
+                    done = os.write(self._fd, staged)
+                    staged = staged[done:]
+                    if done % ALIGN:
+                        break  # an odd short write: the rest goes through the page cache
+            except OSError as exc:
+                if not refused(exc):
+                    staged.release()
+                    raise
+            if staged:  # refused: this and every later byte go through the page cache
+                self._store.direct = self._direct = False
+                fcntl.fcntl(
+                    self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT
+                )
+                _write_all(self._fd, staged)
+            staged.release()
         self._fill = 0
 
     def _release(self) -> None:
@@ -211,10 +212,12 @@ class _FileWriter:
         fsync_dir(dest.parent)
 
     def abort(self) -> None:
-        self._release()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        try:
+            self._release()
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
 
