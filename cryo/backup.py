@@ -73,6 +73,7 @@ import collections
 import contextlib
 import errno
 import json
+import mmap
 import os
 import secrets
 import socket
@@ -396,7 +397,9 @@ class _Run:
         self.cpu = BoundedExecutor(options.cpu_workers, options.cpu_workers * 2, c, "encode")
         self.uploads = BoundedExecutor(options.connections, options.connections * 2, c, "upload")
         self.packer = _Packer(self)
-        self.frames = _Frames(options.chunk_size + 1)
+        self.frames = _Frames(
+            options.chunk_size + 1, aligned=bool(getattr(backend, "writes_aligned", False))
+        )
 
     # -- objects and chunks ---------------------------------------------------
     def next_name(self) -> str:
@@ -411,25 +414,26 @@ class _Run:
         return self.start_object(self.next_name())
 
     def submit_chunk(
-        self, obj: _Object, index: int, data: Data, frame: bytearray | None = None
+        self, obj: _Object, index: int, data: Data, frame: Frame | None = None
     ) -> None:
         """Store ``data`` as chunk ``index`` of ``obj`` (``frame``: see ``_Frames``)."""
         with obj.lock:
             obj.pending += 1
         self.cpu.submit(self._encode, obj, index, data, frame)
 
-    def _encode(self, obj: _Object, index: int, data: Data, frame: bytearray | None) -> None:
+    def _encode(self, obj: _Object, index: int, data: Data, frame: Frame | None) -> None:
         self.coordinator.check()
         stored, frame = self._encoded(data, frame)
         self.uploads.submit(self._put, obj, index, stored, chunk_checksum(stored), frame)
 
     def _encoded(
-        self, data: Data, frame: bytearray | None
-    ) -> tuple[bytes | bytearray, bytearray | None]:
+        self, data: Data, frame: Frame | None
+    ) -> tuple[bytes | bytearray | memoryview, Frame | None]:
         """The stored form of ``data``, and the frame it still occupies (if any)."""
         stored = encode(data, self.options.compression_level, frame)
-        if frame is not None and stored is not frame:
-            self.frames.give(frame)
+        in_frame = stored is frame or (isinstance(stored, memoryview) and stored.obj is frame)
+        if frame is not None and not in_frame:
+            self.frames.give(frame)  # compressed (or copied out): the frame is free again
             frame = None
         return stored, frame
 
@@ -437,9 +441,9 @@ class _Run:
         self,
         obj: _Object,
         index: int,
-        stored: bytes | bytearray,
+        stored: bytes | bytearray | memoryview,
         checksum: str,
-        frame: bytearray | None,
+        frame: Frame | None,
     ) -> None:
         try:
             self.coordinator.check()
@@ -486,12 +490,12 @@ class _Run:
         )
 
     def put_single(
-        self, name: str, data: Data, metadata: str | None, frame: bytearray | None = None
+        self, name: str, data: Data, metadata: str | None, frame: Frame | None = None
     ) -> None:
         self.cpu.submit(self._encode_single, name, data, metadata, frame)
 
     def _encode_single(
-        self, name: str, data: Data, metadata: str | None, frame: bytearray | None
+        self, name: str, data: Data, metadata: str | None, frame: Frame | None
     ) -> None:
         self.coordinator.check()
         stored, frame = self._encoded(data, frame)
@@ -500,10 +504,10 @@ class _Run:
     def _put_single(
         self,
         name: str,
-        stored: bytes | bytearray,
+        stored: bytes | bytearray | memoryview,
         checksum: str,
         metadata: str | None,
-        frame: bytearray | None,
+        frame: Frame | None,
     ) -> None:
         try:
             self.coordinator.check()
@@ -619,31 +623,40 @@ Data = bytes | bytearray | memoryview
 """The bytes of a slice of a file, as read."""
 
 
+Frame = bytearray | mmap.mmap
+
+
 class _Frames:
     """Reused buffers that large files are read into, one chunk each.
 
     A frame has one byte more than a chunk: the slice is read into it after
     that byte, so a chunk stored raw becomes its stored form (tag byte, then
     the bytes) in place, and the same pages carry chunk after chunk instead
-    of fresh memory being zeroed for each. A frame is given back once nothing
-    refers to its bytes any more (after its upload, or once compressed); a
-    frame never given back (a cancelled run) is simply freed.
+    of fresh memory being zeroed for each. For a backend that writes chunks
+    from page-aligned memory without a copy (``writes_aligned``: the
+    embedded repository's direct I/O), frames are page-aligned mappings;
+    otherwise ``bytearray`` (what an HTTP body may be). A frame is given back
+    once nothing refers to its bytes any more (after its upload, or once
+    compressed); a frame never given back (a cancelled run) is simply freed.
     """
 
     KEEP = 32
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, aligned: bool) -> None:
         self.size = size
-        self._free: list[bytearray] = []
+        self.aligned = aligned
+        self._free: list[Frame] = []
         self._lock = threading.Lock()
 
-    def take(self) -> bytearray:
+    def take(self) -> Frame:
         with self._lock:
             if self._free:
                 return self._free.pop()
+        if self.aligned:  # private: never shared with a process forked later
+            return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return bytearray(self.size)
 
-    def give(self, frame: bytearray) -> None:
+    def give(self, frame: Frame) -> None:
         with self._lock:
             if len(self._free) < self.KEEP:
                 self._free.append(frame)
@@ -661,10 +674,10 @@ class _Chunker:
         self._run = run
         self._extents = extents
         self._obj: _Object | None = None
-        self._first: tuple[int, Data, bytearray | None] | None = None
+        self._first: tuple[int, Data, Frame | None] | None = None
         self._index = 0
 
-    def add(self, file_offset: int, data: Data, frame: bytearray | None = None) -> None:
+    def add(self, file_offset: int, data: Data, frame: Frame | None = None) -> None:
         """The next slice; ``frame``, where given, holds it (see ``_Frames``)."""
         if self._obj is None:
             if self._first is None:
@@ -675,7 +688,7 @@ class _Chunker:
             self._first = None
         self._submit(file_offset, data, frame)
 
-    def _submit(self, file_offset: int, data: Data, frame: bytearray | None) -> None:
+    def _submit(self, file_offset: int, data: Data, frame: Frame | None) -> None:
         assert self._obj is not None
         self._run.submit_chunk(self._obj, self._index, data, frame)
         self._extents.append(Extent(file_offset, self._obj.name, self._index, 0, len(data)))

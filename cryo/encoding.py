@@ -21,6 +21,7 @@ archives, encrypted files) close to the speed of no compression at all.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from typing import Any
 
@@ -62,13 +63,17 @@ def _decompressor() -> Any:
 
 
 def encode(
-    data: bytes | bytearray | memoryview, level: int | None, frame: bytearray | None = None
-) -> bytes | bytearray:
+    data: bytes | bytearray | memoryview,
+    level: int | None,
+    frame: bytearray | mmap.mmap | None = None,
+) -> bytes | bytearray | memoryview:
     """The stored form of ``data``; ``level`` None disables compression.
 
     ``frame``, where given, is a buffer whose bytes after the first are
-    ``data``: a chunk stored raw is then tagged in place and, when it fills
-    the frame, the frame itself is the stored form (no copy of the chunk).
+    ``data``: a chunk stored raw is then tagged in place and stored from the
+    frame (no copy of the chunk): a ``bytearray`` frame it fills is the
+    stored form itself, an ``mmap`` frame is viewed. A shorter chunk in a
+    ``bytearray`` frame is copied out.
     """
     view = memoryview(data)
     if level is not None and len(view) >= 64:
@@ -80,6 +85,8 @@ def encode(
                 return b"".join((_ZSTD_PREFIX, packed))
     if frame is not None:
         frame[0] = TAG_RAW
+        if not isinstance(frame, bytearray):
+            return memoryview(frame)[: len(view) + 1]
         if len(frame) == len(view) + 1:
             return frame
         return bytes(memoryview(frame)[: len(view) + 1])

@@ -19,6 +19,7 @@ protocol, so a server can keep its chunks off its own disk.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import mmap
 import os
@@ -120,6 +121,10 @@ class _FileWriter:
             raise ValueError("write to a sealed chunk writer")
         view = memoryview(data).cast("B")
         self._length += len(view)
+        if self._direct and not self._fill and len(view) >= ALIGN and _aligned(view):
+            bulk = len(view) - len(view) % ALIGN  # straight from the caller's memory
+            self._write_direct(view[:bulk])
+            view = view[bulk:]
         while view:
             if not self._direct:  # from the start, or since a flush was refused: nothing is staged
                 _write_all(self._fd, view)
@@ -157,27 +162,29 @@ class _FileWriter:
 
     def _flush(self, n: int) -> None:
         """Write the first ``n`` bytes of the buffer (a multiple of the alignment)."""
-        assert self._fd is not None and self._buf is not None
+        assert self._buf is not None
         with memoryview(self._buf) as whole:
-            staged = whole[:n]
-            try:
-                while staged:
-                    done = os.write(self._fd, staged)
-                    staged = staged[done:]
-                    if done % ALIGN:
-                        break  # an odd short write: the rest goes through the page cache
-            except OSError as exc:
-                if not refused(exc):
-                    staged.release()
-                    raise
-            if staged:  # refused: this and every later byte go through the page cache
-                self._store.direct = self._direct = False
-                fcntl.fcntl(
-                    self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT
-                )
-                _write_all(self._fd, staged)
-            staged.release()
+            self._write_direct(whole[:n])
         self._fill = 0
+
+    def _write_direct(self, view: memoryview) -> None:
+        """Write ``view`` (aligned memory and length) with direct I/O if the file system lets it."""
+        assert self._fd is not None
+        try:
+            while view:
+                done = os.write(self._fd, view)
+                view = view[done:]
+                if done % ALIGN:
+                    break  # an odd short write: the rest goes through the page cache
+        except OSError as exc:
+            if not refused(exc):
+                raise
+        if view:  # refused: this and every later byte go through the page cache
+            self._store.direct = self._direct = False
+            fcntl.fcntl(
+                self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT
+            )
+            _write_all(self._fd, view)
 
     def _release(self) -> None:
         if self._buf is not None:
@@ -220,6 +227,16 @@ class _FileWriter:
                 self._fd = None
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
+
+
+def _aligned(view: memoryview) -> bool:
+    """Whether ``view``'s memory starts on an ``ALIGN`` boundary (False if it cannot tell)."""
+    if view.readonly:
+        return False
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
+    except (TypeError, ValueError):
+        return False
 
 
 _RECEIVE = 1024 * 1024

@@ -530,6 +530,16 @@ class LocalBackend:
         view.trust_checksums = False
         return view
 
+    @property
+    def writes_aligned(self) -> bool:
+        """Whether a chunk handed over in page-aligned memory is written without a copy.
+
+        Chunk files are written with direct I/O, which needs aligned memory;
+        bytes from anywhere else are first copied into an aligned buffer.
+        """
+        store = self._engine.store
+        return isinstance(store, FileChunkStore) and store.direct
+
     def before_fork(self) -> None:
         """Hold no database connection across a fork (reopened on the next use)."""
         self._engine.drop_connections()
