@@ -144,7 +144,7 @@ class _FileWriter:
         if self._direct and self._fill == STAGE:
             self._flush(STAGE)  # the previous piece is hashed by now: its place is free
         if not self._direct:  # from the start, or since a flush was refused: nothing is staged
-            with _receive_buffer()[: min(n, _RECEIVE)] as view:
+            with receive_buffer()[: min(n, RECEIVE_BYTES)] as view:
                 got = readinto(view)
                 piece = view[:got]
             _write_all(self._fd, piece)
@@ -239,15 +239,18 @@ def _aligned(view: memoryview) -> bool:
         return False
 
 
-_RECEIVE = 1024 * 1024
+RECEIVE_BYTES = 1024 * 1024
 _threads = threading.local()
 
 
-def _receive_buffer() -> memoryview:
-    """This thread's buffer for bytes received to be written through the page cache."""
+def receive_buffer() -> memoryview:
+    """This thread's buffer for received bytes on their way elsewhere (allocated once).
+
+    What is read into it is valid until this thread reads into it again.
+    """
     buf: memoryview | None = getattr(_threads, "receive_buffer", None)
     if buf is None:
-        buf = _threads.receive_buffer = memoryview(bytearray(_RECEIVE))
+        buf = _threads.receive_buffer = memoryview(bytearray(RECEIVE_BYTES))
     return buf
 
 

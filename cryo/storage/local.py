@@ -94,7 +94,7 @@ from cryo.storage.api import (
     PutChunkResult,
     PutObjectResult,
 )
-from cryo.storage.chunkstore import ChunkStore, ChunkWriter, FileChunkStore
+from cryo.storage.chunkstore import ChunkStore, ChunkWriter, FileChunkStore, receive_buffer
 
 MARKER_FILE = "cryo-repository.json"
 FORMAT_NAME = "cryo-repository"
@@ -265,7 +265,7 @@ def _pieces(data: Body, length: int) -> Iterator[bytes | bytearray | memoryview]
     remaining = length
     while remaining:
         if readinto is not None:
-            buf = _receive_buffer()
+            buf = receive_buffer()
             got = readinto(buf[: min(_READ_PIECE, remaining)])
             piece: bytes | memoryview = buf[:got]
         else:
@@ -299,17 +299,6 @@ def _receive_into(
             piece.release()
     if cast(BinaryIO, data).read(1):
         raise IllegalArgumentException(f"Length is {length} but the body is longer")
-
-
-_threads = threading.local()
-
-
-def _receive_buffer() -> memoryview:
-    """This thread's buffer for reading request bodies (allocated once, then reused)."""
-    buf: memoryview | None = getattr(_threads, "receive_buffer", None)
-    if buf is None:
-        buf = _threads.receive_buffer = memoryview(bytearray(_READ_PIECE))
-    return buf
 
 
 def _encode_name_token(name: str) -> str:
