@@ -121,18 +121,8 @@ class SocketReader:
             del self._buf[:n]
             return out
         result = bytearray(n)
-        have = len(self._buf)
-        result[:have] = self._buf
-        self._buf.clear()
-        view = memoryview(result)
-        try:
-            while have < n:
-                got = self._sock.recv_into(view[have:], n - have)
-                if not got:
-                    break
-                have += got
-        finally:
-            view.release()
+        with memoryview(result) as view:
+            have = self.readinto(view)
         if have < n:
             del result[have:]
         # Large pieces go out as the bytearray they were received into (no copy);
@@ -187,12 +177,12 @@ class Body:
             return b""
         if n < 0:
             return b"".join(iter(lambda: self.read(_PIECE), b""))
-        data = self._read_chunked(n) if self._chunked else self._read_plain(n)
-        self.consumed += len(data)
-        if self._hash is not None:
-            self._hash.update(data)
-        if self._done:
-            self._check()
+        if self._chunked:
+            data = self._read_chunked(n)
+        else:
+            data = self._reader.read(min(n, self._left))
+            self._took_plain(len(data))
+        self._took(data)
         return data
 
     def readinto(self, view: memoryview, /) -> int:
@@ -205,26 +195,25 @@ class Body:
             view[:got] = data
         else:
             got = self._reader.readinto(view[: min(len(view), self._left)])
-            if not got:
-                raise ConnectionLost("the client closed the connection in the middle of the body")
-            self._left -= got
-            if not self._left:
-                self._done = True
-        self.consumed += got
-        if self._hash is not None:
-            self._hash.update(view[:got])
-        if self._done:
-            self._check()
+            self._took_plain(got)
+        self._took(view[:got])
         return got
 
-    def _read_plain(self, n: int) -> bytes:
-        data = self._reader.read(min(n, self._left))
-        if not data:
+    def _took_plain(self, got: int) -> None:
+        """``got`` more bytes of a Content-Length body came (none: the client is gone)."""
+        if not got:
             raise ConnectionLost("the client closed the connection in the middle of the body")
-        self._left -= len(data)
+        self._left -= got
         if not self._left:
             self._done = True
-        return data
+
+    def _took(self, data: bytes | memoryview) -> None:
+        """Count and hash ``data``, just read; check the hash once the body is done."""
+        self.consumed += len(data)
+        if self._hash is not None:
+            self._hash.update(data)
+        if self._done:
+            self._check()
 
     def _read_chunked(self, n: int) -> bytes:
         if not self._chunk_left:

@@ -46,10 +46,10 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO
 
 from cryo.checksums import (
     CHUNK_ALGORITHM,
@@ -250,54 +250,48 @@ def _key_of(checksum: str | None, field: str) -> str:
     return key
 
 
-def _pieces(data: Body, length: int) -> Iterator[bytes | bytearray | memoryview]:
-    """The body in pieces; raises IllegalArgumentException if it is not ``length`` bytes.
+def _pieces(
+    data: Body, length: int, writer: ChunkWriter | None = None
+) -> Iterator[bytes | bytearray | memoryview]:
+    """The body in pieces, each written to ``writer`` (if any) before it is yielded.
 
-    A body that can ``readinto`` is read into one buffer per thread, reused
-    for every piece: a piece is valid only until the next one is asked for.
+    Raises IllegalArgumentException if the body is not ``length`` bytes. A
+    body that can ``readinto`` is read straight into the writer's buffer
+    (``ChunkWriter.receive``), or, without a writer, into one buffer per
+    thread: a piece is valid only until the next one is asked for.
     """
     if isinstance(data, bytes | bytearray | memoryview):
         if len(data) != length:
             raise IllegalArgumentException(f"Length is {length} but the body has {len(data)} bytes")
+        if writer is not None:
+            writer.write(data)
         yield data
         return
     readinto = getattr(data, "readinto", None)
     remaining = length
     while remaining:
-        if readinto is not None:
-            buf = receive_buffer()
-            got = readinto(buf[: min(_READ_PIECE, remaining)])
-            piece: bytes | memoryview = buf[:got]
+        n = min(_READ_PIECE, remaining)
+        piece: bytes | memoryview
+        if readinto is None:
+            piece = data.read(n)
+            if writer is not None and piece:
+                writer.write(piece)
+        elif writer is not None:
+            piece = writer.receive(readinto, n)
         else:
-            piece = data.read(min(_READ_PIECE, remaining))
-        if not piece:
-            raise IllegalArgumentException(
-                f"Length is {length} but the body ended after {length - remaining} bytes"
-            )
-        remaining -= len(piece)
-        yield piece
-    if data.read(1):
-        raise IllegalArgumentException(f"Length is {length} but the body is longer")
-
-
-def _receive_into(
-    writer: ChunkWriter, readinto: Callable[[memoryview], int], data: Body, length: int, h: Any
-) -> None:
-    """Receive a streamed body of ``length`` bytes straight into ``writer``, hashing it on ``h``."""
-    remaining = length
-    while remaining:
-        piece = writer.receive(readinto, min(_READ_PIECE, remaining))
+            buf = receive_buffer()
+            piece = buf[: readinto(buf[:n])]
         try:
             if not piece:
                 raise IllegalArgumentException(
                     f"Length is {length} but the body ended after {length - remaining} bytes"
                 )
-            if h is not None:
-                h.update(piece)
             remaining -= len(piece)
+            yield piece
         finally:
-            piece.release()
-    if cast(BinaryIO, data).read(1):
+            if isinstance(piece, memoryview):
+                piece.release()  # a view of a reused buffer: nothing may keep it
+    if data.read(1):
         raise IllegalArgumentException(f"Length is {length} but the body is longer")
 
 
@@ -598,15 +592,9 @@ class LocalBackend:
         writer = None if store.exists(key) else store.writer()
         try:
             h = None if self.trust_checksums else hashlib.sha256()
-            readinto = getattr(data, "readinto", None)
-            if writer is not None and readinto is not None:
-                _receive_into(writer, readinto, data, length, h)
-            else:
-                for piece in _pieces(data, length):
-                    if h is not None:
-                        h.update(piece)
-                    if writer is not None:
-                        writer.write(piece)
+            for piece in _pieces(data, length, writer):
+                if h is not None:
+                    h.update(piece)
             if h is not None and b64_of_digest(h.digest()) != checksum:
                 raise IllegalArgumentException(
                     f"{field}Checksum does not match the SHA-256 of the {length} bytes received"
