@@ -185,15 +185,29 @@ def _sent(path: Path) -> bytes:
     return bytes(got)
 
 
-@pytest.mark.parametrize("refused", [False, True])
+def refuse_direct_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct opens succeed but direct reads fail, as on a file system that checks late."""
+    real_preadv = os.preadv
+
+    def refusing_preadv(fd: int, buffers: list[memoryview], offset: int, *rest: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_preadv(fd, buffers, offset, *rest)
+
+    monkeypatch.setattr(os, "preadv", refusing_preadv)
+
+
+@pytest.mark.parametrize("refused", [None, "at the open", "at the read"])
 def test_chunk_files_are_sent_whole_from_disk_or_from_the_page_cache(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str | None
 ) -> None:
     store = FileChunkStore(tmp_path)
     rng = random.Random(6)
     monkeypatch.setattr(directio, "_send_direct", True)  # a refusal is remembered: undo it after
-    if refused:
+    if refused == "at the open":
         refuse_direct_io(monkeypatch)
+    elif refused == "at the read":
+        refuse_direct_reads(monkeypatch)
     for length in (4096, MiB + 1, 4 * MiB):
         data = rng.randbytes(length)
         path = store.path_of(_store_in_pieces(store, data, rng))
