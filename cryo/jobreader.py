@@ -18,7 +18,13 @@ from typing import Any
 from cryo.checksums import b64_of_digest
 from cryo.encoding import EncodingError, decode
 from cryo.errors import CryoError, ResourceNotFoundException
-from cryo.manifest import MANIFEST_OBJECT, ManifestEntry, parse_lines, read_entries
+from cryo.manifest import (
+    MANIFEST_OBJECT,
+    ManifestEntry,
+    parse_lines,
+    read_entries,
+    read_records,
+)
 from cryo.storage.api import BackupObject, Chunk, iter_chunks, iter_objects
 
 _MEDIUM_ERRORS = frozenset(
@@ -96,6 +102,11 @@ class JobReader:
 
     def manifest(self) -> tuple[dict[str, Any], Iterator[ManifestEntry]]:
         return read_entries(parse_lines(self.manifest_chunks()))
+
+    def manifest_records(self) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+        """The manifest's header and its entries' JSON records, not yet decoded
+        (``ManifestEntry.from_json``)."""
+        return read_records(parse_lines(self.manifest_chunks()))
 
     def file_bytes(self, entry: ManifestEntry) -> bytes:
         """A file's whole content, holes as zeros (for small files and tests)."""

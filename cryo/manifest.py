@@ -142,29 +142,28 @@ class ManifestEntry:
     @classmethod
     def from_json(cls, r: dict[str, Any]) -> ManifestEntry:
         get = r.get
-        path = get_bytes(r, "p")
-        if path is None or "t" not in r:
-            raise ManifestError("entry without path or type")
+        i = json_int
+        kind, path = record_kind_path(r)
         x = get("x")
         extents = get("d")
         try:
             return cls(
                 path,
-                str(r["t"]),
-                _int(get("m", 0)),
-                _int(get("u", 0)),
-                _int(get("g", 0)),
+                kind,
+                i(get("m", 0)),
+                i(get("u", 0)),
+                i(get("g", 0)),
                 get("un"),
                 get("gn"),
-                _int(get("mt", 0)),
-                _int(get("ct", 0)),
-                _int(get("ino", 0)),
-                _int(get("dev", 0)),
-                _int(get("s", 0)),
-                _int(get("rd", 0)),
+                i(get("mt", 0)),
+                i(get("ct", 0)),
+                i(get("ino", 0)),
+                i(get("dev", 0)),
+                i(get("s", 0)),
+                i(get("rd", 0)),
                 get_bytes(r, "l"),
                 {base64.b64decode(k): base64.b64decode(v) for k, v in x} if x else {},
-                [Extent(_int(a), str(b), _int(c), _int(d), _int(e)) for a, b, c, d, e in extents]
+                [Extent(i(a), str(b), i(c), i(d), i(e)) for a, b, c, d, e in extents]
                 if extents
                 else [],
                 get("xx"),
@@ -174,7 +173,7 @@ class ManifestEntry:
             raise ManifestError(f"manifest entry with a malformed field: {exc}") from None
 
 
-def _int(v: Any) -> int:
+def json_int(v: Any) -> int:
     """``v`` as an int: JSON gives ints already; anything else is converted or refused."""
     return v if type(v) is int else int(v)
 
@@ -236,23 +235,44 @@ def raw_entries(chunks: Iterator[bytes]) -> Iterator[tuple[bytes, dict[str, Any]
     raise ManifestError("manifest is truncated (no end record)")
 
 
-def read_entries(
+def read_records(
     records: Iterator[dict[str, Any]],
-) -> tuple[dict[str, Any], Iterator[ManifestEntry]]:
-    """The header and the entries; the iterator raises ManifestError if the footer is missing."""
+) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    """The header and the entries' JSON records; the iterator raises ManifestError
+    if the footer is missing."""
     try:
         head = next(records)
     except StopIteration:
         raise ManifestError("empty manifest") from None
     check_header(head)
 
-    def entries() -> Iterator[ManifestEntry]:
+    def entries() -> Iterator[dict[str, Any]]:
         for count, r in enumerate(records):
             if r.get("end") is True:
                 if r.get("entries") != count:
                     raise ManifestError("manifest entry count does not match its footer")
                 return
-            yield ManifestEntry.from_json(r)
+            yield r
         raise ManifestError("manifest is truncated (no end record)")
 
     return head, entries()
+
+
+def read_entries(
+    records: Iterator[dict[str, Any]],
+) -> tuple[dict[str, Any], Iterator[ManifestEntry]]:
+    """The header and the entries; the iterator raises ManifestError if the footer is missing."""
+    head, entries = read_records(records)
+    return head, map(ManifestEntry.from_json, entries)
+
+
+def record_kind_path(r: dict[str, Any]) -> tuple[str, bytes]:
+    """An entry record's type and path, without decoding the rest of it."""
+    try:
+        path = get_bytes(r, "p")
+    except (TypeError, ValueError) as exc:  # base64 that is not
+        raise ManifestError(f"manifest entry with a malformed path: {exc}") from None
+    kind = r.get("t")
+    if path is None or kind is None:
+        raise ManifestError("entry without path or type")
+    return str(kind), path

@@ -48,6 +48,7 @@ interrupted restore resumes), ``always`` replaces them.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import fnmatch
@@ -70,10 +71,11 @@ from cryo.events import EventSink, FileWarning, Progress, Ticker, ignore
 from cryo.executor import BoundedExecutor, Cancelled, Coordinator
 from cryo.jobreader import CorruptData, JobReader
 from cryo.jobs import int_attribute
-from cryo.manifest import ManifestEntry
+from cryo.manifest import ManifestEntry, ManifestError, json_int, record_kind_path
 from cryo.retry import RetryingBackend, RetryPolicy
 
 if TYPE_CHECKING:
+    from cryo.storage.api import Job
     from cryo.team import Send, Team
 
 OVERWRITE_POLICIES = ("never", "if-changed", "always")
@@ -539,14 +541,14 @@ class _Restore:
         )
 
     # -- selection -----------------------------------------------------------------
-    def selected(self, entry: ManifestEntry) -> bool:
+    def selected(self, path: bytes, kind: str) -> bool:
+        """Whether the entry at ``path`` (of type ``kind``) is one the options select."""
         o = self.options
         if o.includes and not (
-            _matches(entry.path, o.includes)
-            or (entry.kind == "d" and _is_parent_of_included(entry.path, o.includes))
+            _matches(path, o.includes) or (kind == "d" and _is_parent_of_included(path, o.includes))
         ):
             return False
-        return not (o.excludes and _matches(entry.path, o.excludes))
+        return not (o.excludes and _matches(path, o.excludes))
 
     # -- existing entries --------------------------------------------------------------
     def _existing(self, dir_fd: int, name: bytes) -> os.stat_result | None:
@@ -1166,48 +1168,109 @@ def _target_is_empty(target: bytes) -> bool:
 class _Shard:
     """Which entries of the job one process restores, when several share it.
 
-    Consecutive regular files (in manifest order) form units of about
-    ``unit_bytes`` or ``unit_files``; a unit ends only where a file starts in
-    a chunk the file before it did not use, so files that share a chunk stay
-    together and each chunk is fetched once. Each unit goes to the process
-    with the least work dealt so far (a file costs one creation plus its
-    bytes, see ``_BYTES_PER_FILE``); every other entry (directories, links,
-    special files) is the first process's, and counts as its work. Every
-    process reads the same manifest with the same selection, so they all
-    agree on who does what without talking to each other, and the first
-    process, which also places everything else, is not the last to finish.
+    Every entry but a regular file (directories, links, special files) is the
+    first process's. Regular files are split in manifest order into one
+    contiguous run per process, each about the same work: a file costs one
+    creation plus its bytes (see ``_BYTES_PER_FILE``), and the first process's
+    run is shorter by the other entries it places (``_OTHER_ENTRY_WORK``). The
+    job's recorded totals (``files``, ``entries``, ``source_bytes``) size the
+    runs before the manifest is read. Contiguous runs keep the processes in different
+    directories: two processes creating files in one directory at the same
+    time contend for its lock, and the file system then spends several times
+    the work it spends creating the same files from one process.
+
+    Without the totals (a job recorded without them, or a selection of its
+    entries), files go in units of about ``unit_bytes`` or ``unit_files``
+    instead, each to the process with the least work dealt so far.
+
+    Either way a run ends only where a file starts in a chunk the file
+    before it did not use, so files that share a chunk stay together and
+    each chunk is fetched once. Every process reads the same manifest with
+    the same selection, so they all agree on who does what without talking
+    to each other.
     """
 
-    def __init__(self, index: int, count: int, options: RestoreOptions) -> None:
+    def __init__(
+        self, index: int, count: int, options: RestoreOptions, totals: _Totals | None = None
+    ) -> None:
         self.index, self.count = index, count
         self._max_files, self._max_bytes = options.unit_files, options.unit_bytes
         self._bytes = self._files = 0
         self._owner = -1
         self._last: tuple[str, int] | None = None
         self._work = [0.0] * count
+        self._starts: list[float] | None = None
+        """Where each process after the first starts, in file work (contiguous runs)."""
+        self._done = 0.0
+        if totals is not None:
+            files, entries, source_bytes = totals
+            others = max(0, entries - files) * _OTHER_ENTRY_WORK
+            share = (files + source_bytes / _BYTES_PER_FILE + others) / count
+            first = max(0.0, share - others)
+            self._starts = [first + share * k for k in range(count - 1)]
 
-    def mine(self, entry: ManifestEntry) -> bool:
-        """Whether ``entry`` is this process's to restore (call it for every selected entry)."""
-        if entry.kind != "f":
+    def mine(self, kind: str, record: dict[str, Any]) -> bool:
+        """Whether the entry of manifest ``record`` (of type ``kind``) is this process's
+        to restore; call it for every selected entry.
+
+        It reads only the record's size and first and last extents, so an entry
+        another process restores is never decoded here.
+        """
+        if kind != "f":
             self._work[0] += 1
             return self.index == 0
-        extents = entry.extents
-        if self._owner < 0 or self._bytes >= self._max_bytes or self._files >= self._max_files:
-            first = (extents[0].object_name, extents[0].chunk_index) if extents else None
-            if self._owner < 0 or first != self._last:
-                work = self._work
-                self._owner = min(range(self.count), key=work.__getitem__)
+        try:
+            size = json_int(record.get("s", 0))
+            extents = record.get("d") or ()
+            first = (str(extents[0][1]), json_int(extents[0][2])) if extents else None
+            last = (str(extents[-1][1]), json_int(extents[-1][2])) if extents else None
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise ManifestError(f"manifest entry with a malformed field: {exc}") from None
+        work = 1 + size / _BYTES_PER_FILE
+        if self._starts is not None:
+            due = bisect.bisect_right(self._starts, self._done)
+            if due != self._owner and (self._owner < 0 or first != self._last):
+                self._owner = due
+            self._done += work
+        else:
+            full = self._bytes >= self._max_bytes or self._files >= self._max_files
+            if self._owner < 0 or (full and first != self._last):
+                self._owner = min(range(self.count), key=self._work.__getitem__)
                 self._bytes = self._files = 0
-        self._bytes += entry.size
-        self._files += 1
-        self._work[self._owner] += 1 + entry.size / _BYTES_PER_FILE
-        if extents:
-            self._last = (extents[-1].object_name, extents[-1].chunk_index)
+            self._bytes += size
+            self._files += 1
+            self._work[self._owner] += work
+        if last is not None:
+            self._last = last
         return self._owner == self.index
 
 
 _BYTES_PER_FILE = 96 * 1024
 """Bytes that take a restore about as long as creating one file does."""
+
+_OTHER_ENTRY_WORK = 2
+"""Files whose creation takes about as long as placing one other entry: a
+directory is made, then given its metadata at the end; a link is made, then
+given its owner and times."""
+
+
+class _Totals(NamedTuple):
+    """What a job recorded of itself: regular files, entries and their bytes."""
+
+    files: int
+    entries: int
+    source_bytes: int
+
+
+def _totals(job: Job, options: RestoreOptions) -> _Totals | None:
+    """The job's totals, when they describe what this restore selects (all of it)."""
+    if options.includes or options.excludes:
+        return None
+    files, entries = int_attribute(job, "files"), int_attribute(job, "entries")
+    source_bytes = int_attribute(job, "source_bytes")
+    if files is None or entries is None or source_bytes is None:
+        return None
+    return _Totals(files, entries, source_bytes)
 
 
 def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
@@ -1219,17 +1282,19 @@ def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
     files its ``shard`` gives it.
     """
     options = r.options
-    _, entries = r.reader.manifest()
+    _, records = r.reader.manifest_records()
     batch: list[_Pending] = []
     batch_bytes = 0
-    for entry in entries:
+    for record in records:
         r.coordinator.raise_if_failed()  # a fetch worker's fatal error stops the reading
-        if not r.selected(entry):
+        kind, path = record_kind_path(record)
+        if not r.selected(path, kind):
             continue
-        if entry.kind == "f" and r.shared:
-            r.file_dirs.add(entry.path.rpartition(b"/")[0])
-        if shard is not None and not shard.mine(entry):
+        if kind == "f" and r.shared:
+            r.file_dirs.add(path.rpartition(b"/")[0])
+        if shard is not None and not shard.mine(kind, record):
             continue
+        entry = ManifestEntry.from_json(record)
         r.dirs.trim()
         try:
             parts = check_entry(entry)
@@ -1273,6 +1338,7 @@ def _helper_work(
     count: int,
     temp_prefix: bytes,
     fresh: bool,
+    totals: _Totals | None,
 ) -> Callable[[int, Send], None]:
     """What helper process ``index`` of a restore does: its share of the regular files."""
 
@@ -1283,7 +1349,7 @@ def _helper_work(
         ticker = Ticker(lambda: send(r.counts()), on_error=r.coordinator.fail)
         ticker.start()
         try:
-            _restore_entries(r, _Shard(index, count, options))
+            _restore_entries(r, _Shard(index, count, options, totals))
         except BaseException as exc:  # noqa: BLE001 - re-raised as its cause, below
             raise r.give_up(exc) from None
         finally:
@@ -1295,7 +1361,12 @@ def _helper_work(
 
 
 def _start_team(
-    r: _Restore, backend: Any, job_id: str, count: int, on_event: EventSink
+    r: _Restore,
+    backend: Any,
+    job_id: str,
+    count: int,
+    totals: _Totals | None,
+    on_event: EventSink,
 ) -> Team | None:
     """Fork ``count - 1`` helpers for ``r``'s restore; None (one process) if the system refuses."""
     options = r.options
@@ -1312,7 +1383,9 @@ def _start_team(
         else:
             on_event(message)
 
-    work = _helper_work(backend.reopen, job_id, r.options, count, r._temp_prefix, r.dirs.all_fresh)
+    work = _helper_work(
+        backend.reopen, job_id, r.options, count, r._temp_prefix, r.dirs.all_fresh, totals
+    )
     backend.before_fork()
     try:
         from cryo.team import Team  # (multiprocessing's modules: only for a shared restore)
@@ -1353,12 +1426,13 @@ def run_restore(
             r.files_total = int_attribute(job, "files")
             r.bytes_total = int_attribute(job, "source_bytes")
         count = _process_count(options, int_attribute(job, "files"))
+        totals = _totals(job, options)
         # Replacing what is in the way of a directory is the first process's work, which
         # the helpers would race: into a target that had content, "always" runs alone.
         if count > 1 and (options.overwrite != "always" or r.dirs.all_fresh):
-            team = _start_team(r, backend, job_id, count, on_event)
+            team = _start_team(r, backend, job_id, count, totals, on_event)
         ticker.start()  # threads only once every helper is forked
-        _restore_entries(r, None if team is None else _Shard(0, count, options))
+        _restore_entries(r, None if team is None else _Shard(0, count, options, totals))
         if team is not None:
             team.wait(r.coordinator.raise_if_failed)
         for parts, entry in r.hardlinks:

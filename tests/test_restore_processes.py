@@ -4,17 +4,20 @@ named once, no temporary left behind when a helper fails or dies."""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from cryo.backup import run_backup
 from cryo.jobreader import JobReader
-from cryo.restore import RestoreOptions, WriteFailed, _Shard, run_restore
+from cryo.manifest import ManifestEntry
+from cryo.restore import RestoreOptions, WriteFailed, _Shard, _totals, run_restore
 from cryo.storage.api import Backend
 from cryo.storage.local import LocalBackend
 from cryo.team import HelperFailed
@@ -137,11 +140,13 @@ def test_a_corrupt_chunk_in_a_helpers_share_is_named_once_and_the_rest_restored(
     out = tmp_path / "out"
     options = shared(out, 2)
     # A file of the helper's share (dealt out as the restore deals), and every file of its chunk.
-    share = _Shard(1, 2, options)
-    _, entries = JobReader(backend, job).manifest()
-    every = list(entries)
-    helpers = [e for e in every if share.mine(e)]  # the shard sees every entry, as a restore does
-    files = [e for e in every if e.kind == "f"]
+    share = _Shard(1, 2, options, _totals(backend.describe_job(job), options))
+    _, records = JobReader(backend, job).manifest_records()
+    every = [(r, ManifestEntry.from_json(r)) for r in records]
+    # The shard sees every entry, as a restore does.
+    helpers = [e for r, e in every if share.mine(e.kind, r)]
+    every_entry = [e for _, e in every]
+    files = [e for e in every_entry if e.kind == "f"]
     victim = next(e for e in helpers if e.kind == "f" and e.extents)
     bad = (victim.extents[0].object_name, victim.extents[0].chunk_index)
     hit = {e.path for e in files if bad in {(x.object_name, x.chunk_index) for x in e.extents}}
@@ -154,6 +159,62 @@ def test_a_corrupt_chunk_in_a_helpers_share_is_named_once_and_the_rest_restored(
     assert_whole_or_absent(out, src)
     restored = [p for p in under(out, src).rglob("*") if p.is_file()]
     assert len(restored) == len(files) - len(hit)
+
+
+def deal(
+    backend: Backend, job: str, options: RestoreOptions, count: int, with_totals: bool = True
+) -> list[list[ManifestEntry]]:
+    """The regular files each of ``count`` processes restores, in manifest order."""
+    totals = _totals(backend.describe_job(job), options) if with_totals else None
+    shards = [_Shard(i, count, options, totals) for i in range(count)]
+    shares: list[list[ManifestEntry]] = [[] for _ in range(count)]
+    _, records = JobReader(backend, job).manifest_records()
+    for r in records:
+        e = ManifestEntry.from_json(r)
+        owners = [i for i, s in enumerate(shards) if s.mine(e.kind, r)]
+        assert len(owners) == 1, "each entry has exactly one process"
+        if e.kind == "f":
+            shares[owners[0]].append(e)
+        else:
+            assert owners == [0], "directories and links are the first process's"
+    return shares
+
+
+def test_each_process_restores_one_run_of_files_and_no_two_fill_a_directory_together(
+    tmp_path: Path,
+) -> None:
+    # Two processes creating files in one directory at once contend for its lock.
+    _, backend, job = backed_up(tmp_path, dirs=12, files=30)
+    options = shared(tmp_path / "out", processes=3)
+    shares = deal(backend, job, options, 3)
+    _, records = JobReader(backend, job).manifest_records()
+    order = [e.path for e in map(ManifestEntry.from_json, records) if e.kind == "f"]
+    assert [e.path for share in shares for e in share] == order  # runs, one after the other
+    assert all(len(share) >= 12 * 30 // 6 for share in shares)  # each a real share
+    dirs = [{e.path.rpartition(b"/")[0] for e in share} for share in shares]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            assert len(dirs[a] & dirs[b]) <= 1  # at most the directory where one run ends
+    for left, right in itertools.pairwise(shares):  # files that share a chunk stay together
+        end = {(x.object_name, x.chunk_index) for x in left[-1].extents}
+        assert not end & {(x.object_name, x.chunk_index) for x in right[0].extents}
+
+
+def test_without_the_jobs_totals_files_are_dealt_in_units_to_the_least_loaded(
+    tmp_path: Path,
+) -> None:
+    src, backend, job = backed_up(tmp_path, dirs=4, files=30)
+    options = shared(tmp_path / "out", processes=2, unit_files=10)
+    shares = deal(backend, job, options, 2, with_totals=False)
+    assert all(len(share) >= 40 for share in shares)
+    assert sum(map(len, shares)) == 4 * 30 + 1
+    # A selection restores with the units too, and still gets every selected file back.
+    out = tmp_path / "out"
+    selected = replace(options, includes=(b"*/d1/*", b"*/d2/*"))
+    summary = run_restore(backend, job, selected)
+    assert summary.failures == () and summary.files == 60
+    assert sorted(p.name for p in under(out, src).iterdir()) == ["d1", "d2"]
+    assert snapshot(under(out, src) / "d2") == snapshot(src / "d2")
 
 
 @pytest.mark.parametrize("where", ["helper", "first process"])
