@@ -594,7 +594,8 @@ class _Restore:
                 _sweep_temporaries(self.dirs.open(parts, create=False), self._temp_prefix)
             self.dirs_meta.append((parts, entry))
             return
-        if self._keep_existing(dir_fd, name, entry):
+        # In a directory this restore made, nothing is in the way (as for files).
+        if not self.dirs.is_fresh(parts[:-1]) and self._keep_existing(dir_fd, name, entry):
             self.skipped += 1
             return
         temp = self._temp_name()
