@@ -140,10 +140,13 @@ class ManifestEntry:
         return r
 
     @classmethod
-    def from_json(cls, r: dict[str, Any]) -> ManifestEntry:
+    def from_json(
+        cls, r: dict[str, Any], kind_path: tuple[str, bytes] | None = None
+    ) -> ManifestEntry:
+        """The entry of record ``r``; ``kind_path``: its ``record_kind_path``, if known."""
         get = r.get
         i = json_int
-        kind, path = record_kind_path(r)
+        kind, path = kind_path or record_kind_path(r)
         x = get("x")
         extents = get("d")
         try:

@@ -1296,7 +1296,7 @@ def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
             r.file_dirs.add(path.rpartition(b"/")[0])
         if shard is not None and not shard.mine(kind, record):
             continue
-        entry = ManifestEntry.from_json(record)
+        entry = ManifestEntry.from_json(record, (kind, path))
         r.dirs.trim()
         try:
             parts = check_entry(entry)
