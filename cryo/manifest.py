@@ -275,7 +275,6 @@ def record_kind_path(r: dict[str, Any]) -> tuple[str, bytes]:
         path = get_bytes(r, "p")
     except (TypeError, ValueError) as exc:  # base64 that is not
         raise ManifestError(f"manifest entry with a malformed path: {exc}") from None
-    kind = r.get("t")
-    if path is None or kind is None:
+    if path is None or "t" not in r:
         raise ManifestError("entry without path or type")
-    return str(kind), path
+    return str(r["t"]), path

@@ -143,6 +143,12 @@ class RestoreSummary:
     seconds: float
 
 
+class _TempDir(NamedTuple):
+    """A helper's word, sent before it first names a temporary in directory ``path``."""
+
+    path: bytes
+
+
 class _Counts(NamedTuple):
     """What one process of a restore has done (helpers send theirs to the first)."""
 
@@ -500,7 +506,11 @@ class _Restore:
         self.shared = False
         """Helper processes restore part of the job (this is the first process)."""
         self.file_dirs: set[bytes] = set()
-        """When shared: every directory of the job's files (where a helper's temporaries can be)."""
+        """When shared: every directory where a helper named a temporary (``_TempDir``)."""
+        self._temp_dirs: set[bytes] = set()
+        """In a helper: the directories it said it names temporaries in."""
+        self.tell_first: Send | None = None
+        """In a helper: its channel to the first process."""
         self._open_files: set[_Pending] = set()
         """Files whose temporary exists and is not finished yet."""
         self.reconfigure(options)
@@ -664,9 +674,11 @@ class _Restore:
                     with self._lock:
                         self.skipped += 1
                     return
+                self._naming_temporary_in(entry.path)
                 os.link(_fd_path(fd), temp, dst_dir_fd=dir_fd)  # replaced as a temporary would
             except OSError:  # linking by /proc refused here: a named copy, as elsewhere
                 self._unnamed = False
+                self._naming_temporary_in(entry.path)
                 self._name_copy(fd, dir_fd, temp)
         try:
             os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
@@ -756,6 +768,7 @@ class _Restore:
                     raise
                 self._unnamed = False  # this file system names every file it creates
         if fd < 0:
+            self._naming_temporary_in(p.entry.path)
             fd = os.open(
                 p.temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                 dir_fd=p.dir_fd,
@@ -776,6 +789,18 @@ class _Restore:
             p.direct_fd = self._open_direct(p.temp, p.dir_fd)
             if p.direct_fd is not None and sum(e.length for e in p.entry.extents) == size:
                 preallocate(fd, size)  # a file without holes: its pieces written side by side
+
+    def _naming_temporary_in(self, path: bytes) -> None:
+        """Before a helper names a temporary beside ``path``: the first process learns of the
+        directory (``_TempDir``), and sweeps it should this helper die."""
+        if self.tell_first is None:
+            return
+        parent = path.rpartition(b"/")[0]
+        with self._lock:
+            if parent in self._temp_dirs:
+                return
+            self._temp_dirs.add(parent)
+        self.tell_first(_TempDir(parent))  # sent (written to the pipe) before the name exists
 
     def _open_direct(self, temp: bytes, dir_fd: int) -> int | None:
         """The temporary again, for direct writes; None writes it through the page cache."""
@@ -1016,7 +1041,8 @@ class _Restore:
         A temporary lives only in a directory that is open at that moment (a
         file in flight pins its directory's descriptor in the cache). The first
         process of a shared restore, once its helpers are gone, removes the
-        whole run's, wherever they are (a helper may have been killed).
+        whole run's, wherever they are (a helper may have been killed): in
+        every directory a helper said it names temporaries in (``_TempDir``).
         """
         prefix = os.fsdecode(self._temp_prefix)
         if self.shared:  # helpers' temporaries may sit where this process never looked
@@ -1268,10 +1294,10 @@ def _totals(job: Job, options: RestoreOptions) -> _Totals | None:
     """The job's totals, when they describe what this restore selects (all of it)."""
     if options.includes or options.excludes:
         return None
-    files, entries = int_attribute(job, "files"), int_attribute(job, "entries")
-    source_bytes = int_attribute(job, "source_bytes")
+    totals = (int_attribute(job, k) for k in ("files", "entries", "source_bytes"))
+    files, entries, source_bytes = (v if v is not None and 0 <= v < 2**63 else None for v in totals)
     if files is None or entries is None or source_bytes is None:
-        return None
+        return None  # not recorded, or not believable
     return _Totals(files, entries, source_bytes)
 
 
@@ -1292,8 +1318,6 @@ def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
         kind, path = record_kind_path(record)
         if not r.selected(path, kind):
             continue
-        if kind == "f" and r.shared:
-            r.file_dirs.add(path.rpartition(b"/")[0])
         if shard is not None and not shard.mine(kind, record):
             continue
         entry = ManifestEntry.from_json(record, (kind, path))
@@ -1347,6 +1371,7 @@ def _helper_work(
     def work(index: int, send: Send) -> None:
         backend = open_backend()
         r = _Restore(backend, job_id, options, send, index, temp_prefix, fresh)
+        r.tell_first = send
         # A failing send (the pipe is gone) stops this share like any fatal error.
         ticker = Ticker(lambda: send(r.counts()), on_error=r.coordinator.fail)
         ticker.start()
@@ -1378,6 +1403,9 @@ def _start_team(
         if isinstance(message, _Counts):
             with r._lock:
                 r.helpers[index] = message
+        elif isinstance(message, _TempDir):
+            with r._lock:
+                r.file_dirs.add(message.path)
         elif isinstance(message, FileWarning):
             with r._lock:
                 r.failures.append(message)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import cryo.restore as restore_module
 from cryo.backup import run_backup
 from cryo.jobreader import JobReader
 from cryo.manifest import ManifestEntry
@@ -214,7 +215,28 @@ def test_without_the_jobs_totals_files_are_dealt_in_units_to_the_least_loaded(
     summary = run_restore(backend, job, selected)
     assert summary.failures == () and summary.files == 60
     assert sorted(p.name for p in under(out, src).iterdir()) == ["d1", "d2"]
-    assert snapshot(under(out, src) / "d2") == snapshot(src / "d2")
+    for d in ("d1", "d2"):
+        assert snapshot(under(out, src) / d) == snapshot(src / d)
+
+
+def test_totals_a_job_records_wrongly_change_only_how_files_are_shared(tmp_path: Path) -> None:
+    # A job's recorded figures are not trusted: absurd ones are ignored, and
+    # figures that are merely wrong give an uneven share, never a file left out.
+    src, backend, job = backed_up(tmp_path, dirs=4, files=30)
+    stored = backend.describe_job(job)
+    for n, figures in enumerate(
+        [
+            {"files": 10**30, "entries": 10**400, "source_bytes": 10**400},  # too large
+            {"files": 200, "entries": 3, "source_bytes": -(2**70)},  # negative
+            {"files": 2, "entries": 10**6, "source_bytes": 0},  # wrong: all to the helper
+        ]
+    ):
+        lying = replace(stored, attributes={**stored.attributes, **figures})
+        backend.describe_job = lambda job_id, lying=lying: lying  # type: ignore[method-assign]
+        out = tmp_path / f"out{n}"
+        summary = run_restore(backend, job, shared(out, 2))
+        assert summary.failures == () and summary.files == 4 * 30 + 1
+        assert snapshot(under(out, src)) == snapshot(src)
 
 
 @pytest.mark.parametrize("where", ["helper", "first process"])
@@ -240,9 +262,14 @@ def test_a_full_target_in_any_process_stops_every_process_in_one_line(
     assert list(under(out, src).rglob("f*"))  # some were restored before it stopped
 
 
+@pytest.mark.parametrize("temporaries", ["unnamed", "named"])
 def test_a_helper_that_dies_is_reported_and_its_temporaries_removed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, temporaries: str
 ) -> None:
+    # The helper's run lies past what the first process has read of the manifest
+    # when it dies; its named temporaries are found all the same.
+    if temporaries == "named":
+        monkeypatch.setattr(restore_module, "_can_name_unnamed_files", lambda *_: False)
     src, backend, job = backed_up(tmp_path, dirs=8, files=60)
     leader = os.getpid()
     placed = []
@@ -260,7 +287,8 @@ def test_a_helper_that_dies_is_reported_and_its_temporaries_removed(
     monkeypatch.setattr(os, "link", dying(os.link))
     out = tmp_path / "out"
     with pytest.raises(HelperFailed, match=r"stopped unexpectedly \(signal 9\)"):
-        run_restore(backend, job, shared(out, 2, unit_files=40))
+        # Small batches: the first process reads the manifest only as it restores.
+        run_restore(backend, job, replace(shared(out, 2, unit_files=40), batch_files=4))
     assert_whole_or_absent(out, src)
 
 
