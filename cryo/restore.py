@@ -1201,10 +1201,10 @@ class _Shard:
     creation plus its bytes (see ``_BYTES_PER_FILE``), and the first process's
     run is shorter by the other entries it places (``_OTHER_ENTRY_WORK``). The
     job's recorded totals (``files``, ``entries``, ``source_bytes``) size the
-    runs before the manifest is read. Contiguous runs keep the processes in different
-    directories: two processes creating files in one directory at the same
-    time contend for its lock, and the file system then spends several times
-    the work it spends creating the same files from one process.
+    runs before the manifest is read. Contiguous runs keep the processes in
+    different directories: two processes creating files in one directory at
+    the same time contend for it, and the file system then spends several
+    times the work it spends creating the same files from one process.
 
     Without the totals (a job recorded without them, or a selection of its
     entries), files go in units of about ``unit_bytes`` or ``unit_files``
