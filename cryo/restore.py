@@ -127,7 +127,8 @@ class RestoreOptions:
     """A job gets a process more per this many regular files, up to ``processes``."""
     unit_files: int = 1024
     unit_bytes: int = 32 * 1024 * 1024
-    """Files are dealt out to the processes in runs of about this many (see ``_Shard``)."""
+    """Without the job's totals, files are dealt out to the processes in runs of about
+    this many (see ``_Shard``)."""
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 

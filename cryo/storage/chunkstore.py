@@ -144,7 +144,7 @@ class _FileWriter:
         if self._direct and self._fill == STAGE:
             self._flush(STAGE)  # the previous piece is hashed by now: its place is free
         if not self._direct:  # from the start, or since a flush was refused: nothing is staged
-            with receive_buffer()[: min(n, RECEIVE_BYTES)] as view:
+            with receive_buffer()[:n] as view:
                 got = readinto(view)
                 piece = view[:got]
             _write_all(self._fd, piece)
@@ -240,6 +240,7 @@ def _aligned(view: memoryview) -> bool:
 
 
 RECEIVE_BYTES = 1024 * 1024
+"""The most a server reads of a request body at a time (the size of ``receive_buffer``)."""
 _threads = threading.local()
 
 

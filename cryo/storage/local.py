@@ -94,13 +94,18 @@ from cryo.storage.api import (
     PutChunkResult,
     PutObjectResult,
 )
-from cryo.storage.chunkstore import ChunkStore, ChunkWriter, FileChunkStore, receive_buffer
+from cryo.storage.chunkstore import (
+    RECEIVE_BYTES,
+    ChunkStore,
+    ChunkWriter,
+    FileChunkStore,
+    receive_buffer,
+)
 
 MARKER_FILE = "cryo-repository.json"
 FORMAT_NAME = "cryo-repository"
 FORMAT_VERSION = 1
 JOB_DELETED = "DELETED"
-_READ_PIECE = 1024 * 1024
 _MAX_CHUNK_INDEX = 2**31 - 1
 _POOL_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -270,7 +275,7 @@ def _pieces(
     readinto = getattr(data, "readinto", None)
     remaining = length
     while remaining:
-        n = min(_READ_PIECE, remaining)
+        n = min(RECEIVE_BYTES, remaining)
         piece: bytes | memoryview
         if readinto is None:
             piece = data.read(n)
