@@ -200,9 +200,12 @@ def list_names(path: bytes) -> list[bytes]:
 
 def read_xattrs(path: bytes) -> dict[bytes, bytes]:
     """Extended attributes of ``path`` (not following symlinks); empty where unsupported."""
+    if len(path) < PATH_MAX:
+        return _xattrs_of(path)
     try:
         with _located(path) as (fd, name):
-            return _xattrs_of(name if fd is None else b"/proc/self/fd/%d/%s" % (fd, name))
+            assert fd is not None  # a long path is reached through its directory
+            return _xattrs_of(b"/proc/self/fd/%d/%s" % (fd, name))
     except OSError:
         return {}
 
