@@ -341,6 +341,7 @@ class _ManifestWriter:
         self._pending: dict[int, tuple[bytes, list[str]] | None] = {}
         self._next = 0
         self._issued = 0
+        self._waiting = False
         self._index = 0
         self._buf = bytearray(head.encode("utf-8") + b"\n")
         self._limit = run.options.chunk_size
@@ -352,9 +353,11 @@ class _ManifestWriter:
         # Only the scanning thread reserves: _issued has one writer.
         if self._issued - self._next >= MAX_PENDING_ENTRIES:
             with self._room:
+                self._waiting = True
                 while self._issued - self._next >= MAX_PENDING_ENTRIES:
                     self._run.coordinator.check()
                     self._room.wait(0.2)
+                self._waiting = False
         seq = self._issued
         self._issued = seq + 1
         return seq
@@ -363,14 +366,16 @@ class _ManifestWriter:
         if entry is None:
             self._put(seq, None)
         else:
-            self._put(seq, (entry.encoded(), [x.object_name for x in entry.extents]))
+            self.complete_raw(seq, entry.encoded(), [x.object_name for x in entry.extents])
 
     def complete_raw(self, seq: int, line: bytes, objects: list[str]) -> None:
         """An entry already encoded (unchanged since the base job)."""
         with self._lock:
-            if seq == self._next and not self._pending:
+            if seq == self._next and not self._pending:  # in turn: written at once
                 self._next = seq + 1
                 self._write(line, objects)
+                if self._waiting:
+                    self._room.notify()
                 return
         self._put(seq, (line, objects))
 
@@ -393,7 +398,8 @@ class _ManifestWriter:
                 self._next += 1
                 if e is not None:
                     self._write(*e)
-            self._room.notify()
+            if self._waiting:
+                self._room.notify()
 
     def _flush(self) -> None:
         self._run.submit_chunk(self.obj, self._index, bytes(self._buf))
