@@ -245,7 +245,7 @@ class _Packer:
         self._run = run
         self._lock = threading.Lock()
         opts = run.options
-        self._frames = _Frames(
+        self.frames = _Frames(
             opts.chunk_size + opts.pack_threshold + 1, aligned=run.frames.aligned
         )
         # The current chunk: bytes 1 to 1 + _size of _frame (made when the
@@ -287,7 +287,7 @@ class _Packer:
         if self._obj is not None and self._obj.entries_bytes >= MAX_ENTRIES_BLOB:
             self._seal()
         if self._frame is None:
-            self._frame = self._frames.take()
+            self._frame = self.frames.take()
         return self._frame
 
     def _place(self, n: int, m: ManifestEntry) -> None:
@@ -452,6 +452,10 @@ class _Run:
         self.packer = _Packer(self)
 
     # -- objects and chunks ---------------------------------------------------
+    def give_frame(self, frame: Frame) -> None:
+        """Give ``frame`` back to its pool: large files' slices, or packs (a larger size)."""
+        (self.frames if len(frame) == self.frames.size else self.packer.frames).give(frame)
+
     def next_name(self) -> str:
         with self._counter_lock:
             self._counter += 1
@@ -488,7 +492,7 @@ class _Run:
         stored = encode(data, self.options.compression_level, frame)
         in_frame = stored is frame or (isinstance(stored, memoryview) and stored.obj is frame)
         if frame is not None and not in_frame:
-            self.frames.give(frame)  # compressed (or copied out): the frame is free again
+            self.give_frame(frame)  # compressed (or copied out): the frame is free again
             frame = None
         return stored, frame
 
@@ -505,7 +509,7 @@ class _Run:
             self.backend.put_chunk(self.job_id, obj.upload_id, index, stored, len(stored), checksum)
         finally:
             if frame is not None:
-                self.frames.give(frame)
+                self.give_frame(frame)
         self._stored(len(stored))
         with obj.lock:
             obj.checksums[index] = checksum
@@ -571,7 +575,7 @@ class _Run:
             )
         finally:
             if frame is not None:
-                self.frames.give(frame)
+                self.give_frame(frame)
         self._stored(len(stored))
 
     # -- counters -------------------------------------------------------------
