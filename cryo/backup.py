@@ -1036,7 +1036,10 @@ class _SmallFiles:
         try:
             if _has_holes(fd, entry.size, entry.blocks):
                 return False
-            room = run.packer.room()
+        except OSError:
+            return False
+        room = run.packer.room()  # (may seal a pack: its errors are the run's, not the file's)
+        try:
             try:
                 n = os.preadv(fd, [room], 0, os.RWF_NOWAIT)
             except BlockingIOError:
