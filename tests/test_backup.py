@@ -128,6 +128,35 @@ def test_large_files_read_into_reused_buffers_come_back_exact(tmp_path: Path) ->
         assert reader.file_bytes(entries[rel(src / name)]) == content, name
 
 
+def test_small_files_in_packs_sealed_by_their_entries_come_back_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Packs sealed because their entries grew (before a chunk filled), between files read
+    from the page cache straight into the pack and files read later: every file's bytes."""
+    import cryo.backup
+
+    monkeypatch.setattr(cryo.backup, "MAX_ENTRIES_BLOB", 2 * KiB)
+    src = tmp_path / "src"
+    rng = random.Random(11)
+    files: dict[Path, bytes] = {}
+    for d in range(6):
+        (src / f"d{d}").mkdir(parents=True)
+        for i in range(60):
+            size = rng.choice([0, 1, 100, 4 * KiB, 20 * KiB])
+            content = rng.randbytes(size) if i % 2 else (b"text %d " % i) * (size // 7)
+            files[src / f"d{d}" / f"f{i:03d}"] = content
+            (src / f"d{d}" / f"f{i:03d}").write_bytes(content)
+    backend = LocalBackend(tmp_path / "repo")
+    summary = run_backup(backend, small_chunks(paths=(os.fsencode(src),)))
+    assert summary.status == "COMPLETED" and summary.warnings == ()
+    reader = JobReader(backend, summary.job_id)
+    entries = entries_of(backend, summary.job_id)
+    packs = {x.object_name for e in entries.values() for x in e.extents}
+    assert len(packs) > 10  # sealed by entries, not by chunks (about 20 chunks' worth)
+    for path, content in files.items():
+        assert reader.file_bytes(entries[rel(path)]) == content, path
+
+
 def test_round_trip_keeps_every_kind_of_entry(tmp_path: Path, tree: Path) -> None:
     backend = LocalBackend(tmp_path / "repo")
     summary = run_backup(backend, small_chunks(paths=(os.fsencode(tree),)))
