@@ -18,9 +18,9 @@ Algorithm
    Small files (below ``pack_threshold``) are **packed**: their bytes are
    appended to a shared buffer that becomes one chunk of a pack object once
    it reaches ``chunk_size``, so the number of API calls grows with bytes,
-   not with files. Packs are encoded by a thread of their own: their
-   producer is the scanning thread, and more encoders would only take its
-   processor. Larger files are cut into ``chunk_size`` slices that
+   not with files. Packs have encoders of their own, one fewer than
+   ``cpu_workers`` (at least one): their producer, the scanning thread,
+   needs a processor of its own. Larger files are cut into ``chunk_size`` slices that
    become the indexed chunks of the file's own object (PutObject when one
    chunk suffices). Sparse files are read region by region (SEEK_DATA), so
    holes are neither read nor stored; a small file with holes is therefore
@@ -60,7 +60,7 @@ record (:mod:`cryo.runstate`).
 
 Bounds: every stage is a ``BoundedExecutor``; a full stage blocks the one
 before it, down to the scanner, so memory stays flat whatever the input
-(at most about ``chunk_size`` times 2 * (read + cpu + connections + 2) bytes). The
+(at most about ``chunk_size`` times 2 * (read + 2 * cpu + connections) bytes). The
 reorder buffer holds at most ``MAX_PENDING_ENTRIES`` entries.
 
 Errors: a file that cannot be read, vanishes, or changes while it is read is
@@ -245,9 +245,7 @@ class _Packer:
         self._run = run
         self._lock = threading.Lock()
         opts = run.options
-        self.frames = _Frames(
-            opts.chunk_size + opts.pack_threshold + 1, aligned=run.frames.aligned
-        )
+        self.frames = _Frames(opts.chunk_size + opts.pack_threshold + 1, aligned=run.frames.aligned)
         # The current chunk: bytes 1 to 1 + _size of _frame (made when the
         # first small file comes: an incremental may have none).
         self._frame: Frame | None = None
@@ -441,10 +439,11 @@ class _Run:
         c = self.coordinator
         self.readers = BoundedExecutor(options.read_workers, options.read_workers * 2, c, "read")
         self.cpu = BoundedExecutor(options.cpu_workers, options.cpu_workers * 2, c, "encode")
-        # Packs are made by the scanning thread, which is then the slowest
-        # stage: one encoder keeps up with it, and a second would only take
-        # its processor (measured: 0.26 s of the scanner's 2.1 s of CPU).
-        self.pack_cpu = BoundedExecutor(1, 2, c, "pack")
+        # Packs are filled by the scanning thread, then the slowest stage: it
+        # needs a processor of its own, so packs get one encoder fewer (here,
+        # with two, the scanner spent 0.26 s more of its 2.1 s of CPU).
+        packers = max(1, options.cpu_workers - 1)
+        self.pack_cpu = BoundedExecutor(packers, packers * 2, c, "pack")
         self.uploads = BoundedExecutor(options.connections, options.connections * 2, c, "upload")
         self.frames = _Frames(
             options.chunk_size + 1, aligned=bool(getattr(backend, "writes_aligned", False))

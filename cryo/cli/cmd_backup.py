@@ -132,7 +132,12 @@ def backup(
         ),
     ] = 2,
     cpu_workers: Annotated[
-        int, typer.Option(help="Chunks compressed and hashed in parallel.", min=1)
+        int,
+        typer.Option(
+            help="Chunks compressed and hashed in parallel (packs of small files:"
+            " one fewer, since the scanner that fills them needs a CPU).",
+            min=1,
+        ),
     ] = 2,
     connections: Annotated[int, typer.Option(help="Uploads in parallel.", min=1)] = 8,
     retry_max_time: Annotated[
