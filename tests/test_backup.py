@@ -128,11 +128,13 @@ def test_large_files_read_into_reused_buffers_come_back_exact(tmp_path: Path) ->
         assert reader.file_bytes(entries[rel(src / name)]) == content, name
 
 
+@pytest.mark.parametrize("cpu_workers", [1, 4])
 def test_small_files_in_packs_sealed_by_their_entries_come_back_exact(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_workers: int
 ) -> None:
     """Packs sealed because their entries grew (before a chunk filled), between files read
-    from the page cache straight into the pack and files read later: every file's bytes."""
+    from the page cache straight into the pack and files read later: every file's bytes,
+    whether packs have one encoder (1 or 2 workers) or several (one fewer than 4)."""
     import cryo.backup
 
     monkeypatch.setattr(cryo.backup, "MAX_ENTRIES_BLOB", 2 * KiB)
@@ -147,7 +149,7 @@ def test_small_files_in_packs_sealed_by_their_entries_come_back_exact(
             files[src / f"d{d}" / f"f{i:03d}"] = content
             (src / f"d{d}" / f"f{i:03d}").write_bytes(content)
     backend = LocalBackend(tmp_path / "repo")
-    summary = run_backup(backend, small_chunks(paths=(os.fsencode(src),)))
+    summary = run_backup(backend, small_chunks(paths=(os.fsencode(src),), cpu_workers=cpu_workers))
     assert summary.status == "COMPLETED" and summary.warnings == ()
     reader = JobReader(backend, summary.job_id)
     entries = entries_of(backend, summary.job_id)
