@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cryo.checksums import chunk_checksum
-from cryo.errors import AccessDeniedException, RepositoryError
+from cryo.checksums import chunk_checksum, summary_checksum
+from cryo.errors import AccessDeniedException, IllegalArgumentException, RepositoryError
 from cryo.storage.local import LocalBackend, default_repository_path
 
 from .storage_helpers import all_objects, contents, put_small, read_object, upload
@@ -67,6 +67,50 @@ def test_replaced_and_abandoned_data_is_reclaimed(tmp_path: Path) -> None:
     assert len(chunk_files(repo)) == 2
     b.complete_job(job)
     assert len(chunk_files(repo)) == 1
+
+
+def test_a_chunk_file_left_without_its_catalog_row_is_taken_back_then_reclaimed(
+    tmp_path: Path,
+) -> None:
+    repo = tmp_path / "repo"
+    b = LocalBackend(repo)
+    data = os.urandom(5000)
+    sha = hashlib.sha256(data).hexdigest()
+    # What a writer killed after putting a chunk file in place, before its row, leaves.
+    (repo / "chunks" / sha[:2]).mkdir(parents=True, exist_ok=True)
+    (repo / "chunks" / sha[:2] / sha).write_bytes(data)
+    job = b.create_job().job_id
+    upload(b, job, "f", [data, b"tail"])
+    put_small(b, job, "g", data)
+    b.complete_job(job)
+    assert contents(b, job) == {"f": data + b"tail", "g": data}
+    b.delete_job(job)
+    assert chunk_files(repo) == set()
+
+
+def test_the_metadata_blob_of_a_refused_completion_is_not_kept(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    b = LocalBackend(repo)
+    job = b.create_job().job_id
+    upload_id = b.start_object(job, "f")
+    data = b"the object's bytes"
+    b.put_chunk(job, upload_id, 0, data, len(data), chunk_checksum(data))
+    blob = os.urandom(3000)
+    with pytest.raises(IllegalArgumentException, match="SUMMARY"):
+        b.notify_object_complete(
+            job,
+            upload_id,
+            summary_checksum([chunk_checksum(b"other bytes")]),
+            "SUMMARY",
+            metadata_blob=blob,
+            metadata_blob_length=len(blob),
+            metadata_blob_checksum=chunk_checksum(blob),
+            metadata_blob_checksum_algorithm="SHA256",
+        )
+    b.notify_object_complete(job, upload_id, summary_checksum([chunk_checksum(data)]), "SUMMARY")
+    b.complete_job(job)
+    assert contents(b, job) == {"f": data}
+    assert chunk_files(repo) == {hashlib.sha256(data).hexdigest()}
 
 
 def test_jobs_belong_to_their_owner(tmp_path: Path) -> None:

@@ -72,6 +72,10 @@ class ChunkStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
+    def sync(self, key: str) -> None:
+        """Make a stored chunk durable (one placed by another writer, or left by a crash)."""
+        ...
+
     def delete(self, key: str) -> None: ...
 
     def keys(self) -> Iterator[str]: ...
@@ -362,6 +366,15 @@ class FileChunkStore:
 
     def exists(self, key: str) -> bool:
         return self.path_of(key).is_file()
+
+    def sync(self, key: str) -> None:
+        path = self.path_of(key)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -14,7 +14,13 @@ Layout of a repository directory::
 Guarantees:
 
 * **Durability.** A call returns only after its chunk files and its catalog
-  transaction are fsynced (``synchronous=FULL``).
+  transaction are fsynced (``synchronous=FULL``), with one exception:
+  PutChunk's catalog row is written without waiting for the disk, and made
+  durable by the next durable commit, at the latest its object's
+  NotifyObjectComplete (SQLite's log is written in order). A power loss may
+  thus forget chunks of an upload not yet complete (its NotifyObjectComplete
+  then reports the gap, and a rerun of the backup sends them again), never
+  a chunk of an object that exists. Chunk files are fsynced in every case.
 * **Atomic visibility.** An object appears in ListObjects only once
   NotifyObjectComplete or PutObject committed it; an upload in progress, or
   one cut short by a crash, is never visible. A replaced object is swapped
@@ -27,11 +33,15 @@ Guarantees:
   moved to a ``trash`` table in the transaction that dropped their last
   reference, and their files are deleted in a later transaction that
   re-checks, under the catalog's write lock, that nothing took them back.
-  Writers add a chunk's file and its catalog row under that same lock, so a
-  backup running beside a deletion never loses a chunk.
+  A writer puts a chunk's file in place (fsynced, renamed, its directory
+  fsynced) before it takes that lock, then, under it, checks that the file
+  is still there and adds the chunk's catalog row, so a backup running
+  beside a deletion never loses a chunk. A row therefore vouches for a
+  durable file; a file no row vouches for (put in place by a writer beside
+  this one, or left by a crash) is fsynced again before a row is added.
 * **Concurrency.** Each thread has its own SQLite connection; writes are
-  serialised by SQLite's lock (``BEGIN IMMEDIATE``), bulk I/O and hashing
-  happen outside it. Several processes may share one repository.
+  serialised by SQLite's lock (``BEGIN IMMEDIATE``); bulk I/O, hashing and
+  the fsyncs of chunk files happen outside it. Several processes may share one repository.
 """
 
 from __future__ import annotations
@@ -426,15 +436,23 @@ class _Engine:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA busy_timeout=120000")
             self._local.conn = conn
+            self._local.durable = True
             with self._all_lock:
                 self._all.append(conn)
         return conn
 
     @contextlib.contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding the catalog's lock."""
+    def write(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the catalog's lock.
+
+        Its commit waits for the disk unless ``durable`` is false; it is then
+        made durable by the next durable commit of any connection.
+        """
         with self._used(), self._write_turn, self.damage_reported():
             conn = self.conn()
+            if self._local.durable != durable:
+                conn.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
+                self._local.durable = durable
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
@@ -612,27 +630,56 @@ class LocalBackend:
             raise
         return writer
 
+    def _place(self, writer: ChunkWriter | None, key: str) -> bool:
+        """Put a received chunk's file in place, outside the catalog's lock; True if it did.
+
+        The file is durable when this returns; its catalog row is added later,
+        under the lock, by ``_store_under_lock`` (or, if that call fails, the
+        file goes to the trash: ``_forget_placed``).
+        """
+        if writer is None:
+            return False
+        try:
+            writer.commit(key)
+        except BaseException:
+            writer.abort()
+            raise
+        return True
+
     def _store_under_lock(
-        self,
-        conn: sqlite3.Connection,
-        key: str,
-        length: int,
-        writer: ChunkWriter | None,
-        data: Body,
+        self, conn: sqlite3.Connection, key: str, length: int, placed: bool, data: Body
     ) -> None:
-        """Make chunk ``key`` present in store and catalog; call inside a write transaction."""
+        """Make chunk ``key`` present in store and catalog; call inside a write transaction.
+
+        ``placed``: this call put the file in place (``_place``), durably.
+        """
         store = self._engine.store
         if store.exists(key):
-            if writer is not None:
-                writer.abort()
-        elif writer is not None:
-            writer.commit(key)
+            if not placed and not self._has_row(conn, key):
+                store.sync(key)  # placed by a writer beside this one, or left by a crash
         elif isinstance(data, bytes | bytearray | memoryview):
-            store.put(key, data)
+            store.put(key, data)  # reclaimed since it was placed, or since it was seen
         else:
             raise RetryableException("the chunk was reclaimed while it was received; send it again")
         conn.execute("INSERT OR IGNORE INTO chunks(sha, length) VALUES (?, ?)", (key, length))
         conn.execute("DELETE FROM trash WHERE sha = ?", (key,))
+
+    @staticmethod
+    def _has_row(conn: sqlite3.Connection, key: str) -> bool:
+        return conn.execute("SELECT 1 FROM chunks WHERE sha = ?", (key,)).fetchone() is not None
+
+    def _trash_placed(self, conn: sqlite3.Connection, key: str) -> None:
+        """A file placed for a call that keeps it not: reclaimed unless a row vouches for it."""
+        if not self._has_row(conn, key):
+            conn.execute("INSERT OR IGNORE INTO trash(sha) VALUES (?)", (key,))
+
+    def _forget_placed(self, key: str) -> None:
+        """After a failed call: its placed file goes to the trash (or stays, if this fails too)."""
+        with (
+            contextlib.suppress(RepositoryError, RepositoryDamaged, sqlite3.Error),
+            self._engine.write() as conn,
+        ):
+            self._trash_placed(conn, key)
 
     def _release_objects(self, conn: sqlite3.Connection, object_ids: Iterable[int]) -> None:
         """Drop objects no job references any more; their unreferenced chunks go to trash."""
@@ -801,14 +848,14 @@ class LocalBackend:
             *_, done = self._open_upload(conn, backup_job_id, upload_id)
         if done is not None:
             raise IllegalArgumentException(f"upload {upload_id} is already complete")
-        writer = self._receive(data, length, checksum, key, "")
+        placed = self._place(self._receive(data, length, checksum, key, ""), key)
         try:
-            with self._engine.write() as conn:
+            # Not durable by itself: NotifyObjectComplete's commit is (see the module's doc).
+            with self._engine.write(durable=False) as conn:
                 *_, done = self._open_upload(conn, backup_job_id, upload_id)
                 if done is not None:
                     raise IllegalArgumentException(f"upload {upload_id} is already complete")
-                self._store_under_lock(conn, key, length, writer, data)
-                writer = None
+                self._store_under_lock(conn, key, length, placed, data)
                 old = conn.execute(
                     "SELECT sha FROM upload_chunks WHERE upload_id = ? AND idx = ?",
                     (upload_id, chunk_index),
@@ -820,9 +867,10 @@ class LocalBackend:
                 )
                 if old is not None and old[0] != key:
                     self._trash_unreferenced(conn, [old[0]])
-        finally:
-            if writer is not None:
-                writer.abort()
+        except BaseException:
+            if placed:
+                self._forget_placed(key)
+            raise
         return PutChunkResult(checksum, CHUNK_ALGORITHM)
 
     def _receive_blob(
@@ -878,6 +926,7 @@ class LocalBackend:
             metadata_blob_checksum,
             metadata_blob_checksum_algorithm,
         )
+        placed = blob_key is not None and self._place(writer, blob_key)
         try:
             with self._engine.write() as conn:
                 seq, name, throw, done = self._open_upload(conn, backup_job_id, upload_id)
@@ -886,9 +935,9 @@ class LocalBackend:
                         "SELECT checksum FROM objects WHERE object_id = ?", (done,)
                     ).fetchone()
                     if row is not None and row[0] == object_checksum:
-                        if writer is not None:
-                            writer.abort()
-                            writer = None
+                        if placed:
+                            assert blob_key is not None
+                            self._trash_placed(conn, blob_key)
                         return ObjectChecksum(object_checksum, SUMMARY_ALGORITHM)
                     raise IllegalArgumentException(f"upload {upload_id} is already complete")
                 rows = conn.execute(
@@ -908,9 +957,8 @@ class LocalBackend:
                 if blob_key is not None:
                     assert blob_length is not None
                     self._store_under_lock(
-                        conn, blob_key, blob_length, writer, metadata_blob or b""
+                        conn, blob_key, blob_length, placed, metadata_blob or b""
                     )
-                    writer = None
                 object_id, replaced = self._insert_object(
                     conn,
                     seq,
@@ -934,9 +982,11 @@ class LocalBackend:
                 )
                 if replaced is not None:
                     self._release_objects(conn, [replaced])
-        finally:
-            if writer is not None:
-                writer.abort()
+        except BaseException:
+            if placed:
+                assert blob_key is not None
+                self._forget_placed(blob_key)
+            raise
         self._process_trash()
         return ObjectChecksum(summary, SUMMARY_ALGORITHM)
 
@@ -975,11 +1025,11 @@ class LocalBackend:
         writer = self._receive(
             inline_chunk, inline_chunk_length, inline_chunk_checksum, key, "InlineChunk"
         )
+        placed = self._place(writer, key)
         try:
             with self._engine.write() as conn:
                 seq, _ = self._job_row(conn, backup_job_id, writable=True)
-                self._store_under_lock(conn, key, inline_chunk_length, writer, inline_chunk)
-                writer = None
+                self._store_under_lock(conn, key, inline_chunk_length, placed, inline_chunk)
                 object_id, replaced = self._insert_object(
                     conn,
                     seq,
@@ -998,9 +1048,10 @@ class LocalBackend:
                 )
                 if replaced is not None:
                     self._release_objects(conn, [replaced])
-        finally:
-            if writer is not None:
-                writer.abort()
+        except BaseException:
+            if placed:
+                self._forget_placed(key)
+            raise
         self._process_trash()
         return PutObjectResult(inline_chunk_checksum, CHUNK_ALGORITHM, summary, SUMMARY_ALGORITHM)
 
