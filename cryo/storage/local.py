@@ -19,7 +19,7 @@ Guarantees:
   durable by the next durable commit, at the latest its object's
   NotifyObjectComplete (SQLite's log is written in order). A power loss may
   thus forget chunks of an upload not yet complete (its NotifyObjectComplete
-  then reports the gap, and a rerun of the backup sends them again), never
+  then fails, and a rerun of the backup sends them again), never
   a chunk of an object that exists. Chunk files are fsynced in every case.
 * **Atomic visibility.** An object appears in ListObjects only once
   NotifyObjectComplete or PutObject committed it; an upload in progress, or
