@@ -113,6 +113,19 @@ def test_the_metadata_blob_of_a_refused_completion_is_not_kept(tmp_path: Path) -
     assert chunk_files(repo) == {hashlib.sha256(data).hexdigest()}
 
 
+def test_a_chunk_sent_again_with_other_bytes_frees_the_first(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    b = LocalBackend(repo)
+    job = b.create_job().job_id
+    upload_id = b.start_object(job, "o")
+    first, second = os.urandom(1000), os.urandom(1000)
+    b.put_chunk(job, upload_id, 0, first, len(first), chunk_checksum(first))
+    b.put_chunk(job, upload_id, 0, second, len(second), chunk_checksum(second))
+    b.notify_object_complete(job, upload_id, summary_checksum([chunk_checksum(second)]))
+    assert contents(b, job) == {"o": second}
+    assert chunk_files(repo) == {hashlib.sha256(second).hexdigest()}
+
+
 def test_jobs_belong_to_their_owner(tmp_path: Path) -> None:
     root = LocalBackend(tmp_path / "repo")
     alice, bob = root.for_owner("AKIDALICE"), root.for_owner("AKIDBOB")

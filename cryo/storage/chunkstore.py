@@ -50,8 +50,11 @@ class ChunkWriter(Protocol):
         """Flush the written bytes to stable storage (the slow part of a commit)."""
         ...
 
-    def commit(self, key: str) -> None:
-        """Make the written bytes durable under ``key`` (seals first if needed)."""
+    def commit(self, key: str) -> object:
+        """Make the written bytes durable under ``key`` (seals first if needed).
+
+        Returns the stored file's identity (see ``ChunkStore.identity``).
+        """
         ...
 
     def abort(self) -> None: ...
@@ -71,6 +74,10 @@ class ChunkStore(Protocol):
     def open(self, key: str) -> BinaryIO: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def identity(self, key: str) -> object | None:
+        """What tells the file stored under ``key`` from another put there since; None if absent."""
+        ...
 
     def sync(self, key: str) -> None:
         """Make a stored chunk durable (one placed by another writer, or left by a crash)."""
@@ -100,7 +107,7 @@ class _FileWriter:
     I/O, the writer falls back to ordinary writes; either way ``seal`` fsyncs.
     """
 
-    __slots__ = ("_buf", "_direct", "_fd", "_fill", "_length", "_store", "_tmp")
+    __slots__ = ("_buf", "_direct", "_fd", "_fill", "_identity", "_length", "_store", "_tmp")
 
     def __init__(self, store: FileChunkStore) -> None:
         self._store = store
@@ -110,6 +117,7 @@ class _FileWriter:
         self._buf: mmap.mmap | None = None
         self._fill = 0
         self._length = 0
+        self._identity: tuple[int, int] | None = None
         if self._direct:
             try:
                 self._fd: int | None = os.open(self._tmp, flags | os.O_DIRECT, 0o600)
@@ -206,12 +214,14 @@ class _FileWriter:
                 self._flush(padded)
                 os.ftruncate(self._fd, self._length)
             os.fsync(self._fd)
+            st = os.fstat(self._fd)
+            self._identity = (st.st_dev, st.st_ino)
         finally:
             self._release()
             os.close(self._fd)
             self._fd = None
 
-    def commit(self, key: str) -> None:
+    def commit(self, key: str) -> object:
         self.seal()
         dest = self._store.path_of(key)
         try:
@@ -221,6 +231,7 @@ class _FileWriter:
             fsync_dir(dest.parent.parent)
             os.replace(self._tmp, dest)
         fsync_dir(dest.parent)
+        return self._identity
 
     def abort(self) -> None:
         try:
@@ -366,6 +377,13 @@ class FileChunkStore:
 
     def exists(self, key: str) -> bool:
         return self.path_of(key).is_file()
+
+    def identity(self, key: str) -> tuple[int, int] | None:
+        try:
+            st = self.path_of(key).stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def sync(self, key: str) -> None:
         path = self.path_of(key)

@@ -15,8 +15,8 @@ Guarantees:
 
 * **Durability.** A call returns only after its chunk files and its catalog
   transaction are fsynced (``synchronous=FULL``), with one exception:
-  PutChunk's catalog row is written without waiting for the disk, and made
-  durable by the next durable commit, at the latest its object's
+  PutChunk's catalog rows are written without waiting for the disk, and made
+  durable by the next durable commit that writes, at the latest its object's
   NotifyObjectComplete (SQLite's log is written in order). A power loss may
   thus forget chunks of an upload not yet complete (its NotifyObjectComplete
   then fails, and a rerun of the backup sends them again), never
@@ -37,8 +37,10 @@ Guarantees:
   fsynced) before it takes that lock, then, under it, checks that the file
   is still there and adds the chunk's catalog row, so a backup running
   beside a deletion never loses a chunk. A row therefore vouches for a
-  durable file; a file no row vouches for (put in place by a writer beside
-  this one, or left by a crash) is fsynced again before a row is added.
+  durable file; a file no row vouches for and that is not the very file the
+  writer put there (one put in place by a writer beside it, or left by a
+  crash) is fsynced again before a row is added. Rows leave ``chunks`` only
+  in durable transactions.
 * **Concurrency.** Each thread has its own SQLite connection; writes are
   serialised by SQLite's lock (``BEGIN IMMEDIATE``); bulk I/O, hashing and
   the fsyncs of chunk files happen outside it. Several processes may share one repository.
@@ -397,19 +399,24 @@ class _Engine:
         # another thread is stepping frees memory under it.
         self._uses = threading.Condition()
         self._in_use = 0
+        self._depth = threading.local()
         self._closed = False
-        with self._used(), self.damage_reported():
+        with self.used(), self.damage_reported():
             self.conn().executescript(SCHEMA)
 
     @contextlib.contextmanager
-    def _used(self) -> Iterator[None]:
+    def used(self) -> Iterator[None]:
+        """One use of the repository, which ``close`` waits for; uses may nest in a thread."""
+        depth: int = getattr(self._depth, "n", 0)
         with self._uses:
-            if self._closed:
+            if self._closed and not depth:
                 raise RepositoryError(f"the repository {self.db_path.parent} is closed")
             self._in_use += 1
+        self._depth.n = depth + 1
         try:
             yield
         finally:
+            self._depth.n = depth
             with self._uses:
                 self._in_use -= 1
                 if not self._in_use:
@@ -448,7 +455,7 @@ class _Engine:
         Its commit waits for the disk unless ``durable`` is false; it is then
         made durable by the next durable commit of any connection.
         """
-        with self._used(), self._write_turn, self.damage_reported():
+        with self.used(), self._write_turn, self.damage_reported():
             conn = self.conn()
             if self._local.durable != durable:
                 conn.execute("PRAGMA synchronous=" + ("FULL" if durable else "NORMAL"))
@@ -456,15 +463,16 @@ class _Engine:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: one consistent snapshot of the catalog."""
-        with self._used(), self.damage_reported():
+        with self.used(), self.damage_reported():
             conn = self.conn()
             conn.execute("BEGIN")
             try:
@@ -630,32 +638,42 @@ class LocalBackend:
             raise
         return writer
 
-    def _place(self, writer: ChunkWriter | None, key: str) -> bool:
-        """Put a received chunk's file in place, outside the catalog's lock; True if it did.
+    @contextlib.contextmanager
+    def _placing(self, writer: ChunkWriter | None, key: str) -> Iterator[object | None]:
+        """Put a received chunk's file in place, outside the catalog's lock, for the block.
 
-        The file is durable when this returns; its catalog row is added later,
-        under the lock, by ``_store_under_lock`` (or, if that call fails, the
-        file goes to the trash: ``_forget_placed``).
+        Yields the placed file's identity (None without a writer). The file is
+        durable by then; the block adds its catalog row under the lock
+        (``_store_under_lock``). If the block fails, the file goes to the
+        trash unless a row vouches for it; ``close`` waits for the block.
         """
-        if writer is None:
-            return False
-        try:
-            writer.commit(key)
-        except BaseException:
-            writer.abort()
-            raise
-        return True
+        with self._engine.used():
+            placed = None
+            if writer is not None:
+                try:
+                    placed = writer.commit(key)
+                except BaseException:
+                    writer.abort()
+                    self._forget_placed(key)  # it may have been renamed before the failure
+                    raise
+            try:
+                yield placed
+            except BaseException:
+                if placed is not None:
+                    self._forget_placed(key)
+                raise
 
     def _store_under_lock(
-        self, conn: sqlite3.Connection, key: str, length: int, placed: bool, data: Body
+        self, conn: sqlite3.Connection, key: str, length: int, placed: object | None, data: Body
     ) -> None:
         """Make chunk ``key`` present in store and catalog; call inside a write transaction.
 
-        ``placed``: this call put the file in place (``_place``), durably.
+        ``placed``: the identity of the file this call put in place (``_placing``).
         """
         store = self._engine.store
-        if store.exists(key):
-            if not placed and not self._has_row(conn, key):
+        found = store.identity(key)
+        if found is not None:
+            if found != placed and not self._has_row(conn, key):
                 store.sync(key)  # placed by a writer beside this one, or left by a crash
         elif isinstance(data, bytes | bytearray | memoryview):
             store.put(key, data)  # reclaimed since it was placed, or since it was seen
@@ -848,8 +866,8 @@ class LocalBackend:
             *_, done = self._open_upload(conn, backup_job_id, upload_id)
         if done is not None:
             raise IllegalArgumentException(f"upload {upload_id} is already complete")
-        placed = self._place(self._receive(data, length, checksum, key, ""), key)
-        try:
+        writer = self._receive(data, length, checksum, key, "")
+        with self._placing(writer, key) as placed:
             # Not durable by itself: NotifyObjectComplete's commit is (see the module's doc).
             with self._engine.write(durable=False) as conn:
                 *_, done = self._open_upload(conn, backup_job_id, upload_id)
@@ -865,12 +883,12 @@ class LocalBackend:
                     "VALUES (?, ?, ?, ?)",
                     (upload_id, chunk_index, key, length),
                 )
-                if old is not None and old[0] != key:
+            if old is not None and old[0] != key:
+                # A chunk sent again with other bytes: the one it replaces goes to the
+                # trash in a durable transaction, so its file is never deleted while
+                # a power loss could still bring back the row that used it.
+                with self._engine.write() as conn:
                     self._trash_unreferenced(conn, [old[0]])
-        except BaseException:
-            if placed:
-                self._forget_placed(key)
-            raise
         return PutChunkResult(checksum, CHUNK_ALGORITHM)
 
     def _receive_blob(
@@ -926,67 +944,58 @@ class LocalBackend:
             metadata_blob_checksum,
             metadata_blob_checksum_algorithm,
         )
-        placed = blob_key is not None and self._place(writer, blob_key)
-        try:
-            with self._engine.write() as conn:
-                seq, name, throw, done = self._open_upload(conn, backup_job_id, upload_id)
-                if done is not None:
-                    row = conn.execute(
-                        "SELECT checksum FROM objects WHERE object_id = ?", (done,)
-                    ).fetchone()
-                    if row is not None and row[0] == object_checksum:
-                        if placed:
-                            assert blob_key is not None
-                            self._trash_placed(conn, blob_key)
-                        return ObjectChecksum(object_checksum, SUMMARY_ALGORITHM)
-                    raise IllegalArgumentException(f"upload {upload_id} is already complete")
-                rows = conn.execute(
-                    "SELECT idx, sha, length FROM upload_chunks WHERE upload_id = ? ORDER BY idx",
-                    (upload_id,),
-                ).fetchall()
-                for expected, (idx, _, _) in enumerate(rows):
-                    if idx != expected:
-                        raise IllegalArgumentException(
-                            f"chunk indexes have a gap: index {expected} was never uploaded"
-                        )
-                summary = summary_checksum(checksum_of_hex(r[1]) for r in rows)
-                if summary != object_checksum:
+        with self._placing(writer, blob_key or "") as placed, self._engine.write() as conn:
+            seq, name, throw, done = self._open_upload(conn, backup_job_id, upload_id)
+            if done is not None:
+                row = conn.execute(
+                    "SELECT checksum FROM objects WHERE object_id = ?", (done,)
+                ).fetchone()
+                if row is not None and row[0] == object_checksum:
+                    if placed is not None:
+                        assert blob_key is not None
+                        self._trash_placed(conn, blob_key)
+                    return ObjectChecksum(object_checksum, SUMMARY_ALGORITHM)
+                raise IllegalArgumentException(f"upload {upload_id} is already complete")
+            rows = conn.execute(
+                "SELECT idx, sha, length FROM upload_chunks WHERE upload_id = ? ORDER BY idx",
+                (upload_id,),
+            ).fetchall()
+            for expected, (idx, _, _) in enumerate(rows):
+                if idx != expected:
                     raise IllegalArgumentException(
-                        "ObjectChecksum does not match the SUMMARY of the uploaded chunks"
+                        f"chunk indexes have a gap: index {expected} was never uploaded"
                     )
-                if blob_key is not None:
-                    assert blob_length is not None
-                    self._store_under_lock(
-                        conn, blob_key, blob_length, placed, metadata_blob or b""
-                    )
-                object_id, replaced = self._insert_object(
-                    conn,
-                    seq,
-                    name,
-                    summary,
-                    len(rows),
-                    sum(r[2] for r in rows),
-                    metadata_string,
-                    blob_key,
-                    blob_length,
-                    throw,
+            summary = summary_checksum(checksum_of_hex(r[1]) for r in rows)
+            if summary != object_checksum:
+                raise IllegalArgumentException(
+                    "ObjectChecksum does not match the SUMMARY of the uploaded chunks"
                 )
-                conn.execute(
-                    "INSERT INTO object_chunks(object_id, idx, sha, length) "
-                    "SELECT ?, idx, sha, length FROM upload_chunks WHERE upload_id = ?",
-                    (object_id, upload_id),
-                )
-                conn.execute("DELETE FROM upload_chunks WHERE upload_id = ?", (upload_id,))
-                conn.execute(
-                    "UPDATE uploads SET object_id = ? WHERE upload_id = ?", (object_id, upload_id)
-                )
-                if replaced is not None:
-                    self._release_objects(conn, [replaced])
-        except BaseException:
-            if placed:
-                assert blob_key is not None
-                self._forget_placed(blob_key)
-            raise
+            if blob_key is not None:
+                assert blob_length is not None
+                self._store_under_lock(conn, blob_key, blob_length, placed, metadata_blob or b"")
+            object_id, replaced = self._insert_object(
+                conn,
+                seq,
+                name,
+                summary,
+                len(rows),
+                sum(r[2] for r in rows),
+                metadata_string,
+                blob_key,
+                blob_length,
+                throw,
+            )
+            conn.execute(
+                "INSERT INTO object_chunks(object_id, idx, sha, length) "
+                "SELECT ?, idx, sha, length FROM upload_chunks WHERE upload_id = ?",
+                (object_id, upload_id),
+            )
+            conn.execute("DELETE FROM upload_chunks WHERE upload_id = ?", (upload_id,))
+            conn.execute(
+                "UPDATE uploads SET object_id = ? WHERE upload_id = ?", (object_id, upload_id)
+            )
+            if replaced is not None:
+                self._release_objects(conn, [replaced])
         self._process_trash()
         return ObjectChecksum(summary, SUMMARY_ALGORITHM)
 
@@ -1025,33 +1034,27 @@ class LocalBackend:
         writer = self._receive(
             inline_chunk, inline_chunk_length, inline_chunk_checksum, key, "InlineChunk"
         )
-        placed = self._place(writer, key)
-        try:
-            with self._engine.write() as conn:
-                seq, _ = self._job_row(conn, backup_job_id, writable=True)
-                self._store_under_lock(conn, key, inline_chunk_length, placed, inline_chunk)
-                object_id, replaced = self._insert_object(
-                    conn,
-                    seq,
-                    object_name,
-                    summary,
-                    1,
-                    inline_chunk_length,
-                    metadata_string,
-                    None,
-                    None,
-                    throw_on_duplicate,
-                )
-                conn.execute(
-                    "INSERT INTO object_chunks(object_id, idx, sha, length) VALUES (?, 0, ?, ?)",
-                    (object_id, key, inline_chunk_length),
-                )
-                if replaced is not None:
-                    self._release_objects(conn, [replaced])
-        except BaseException:
-            if placed:
-                self._forget_placed(key)
-            raise
+        with self._placing(writer, key) as placed, self._engine.write() as conn:
+            seq, _ = self._job_row(conn, backup_job_id, writable=True)
+            self._store_under_lock(conn, key, inline_chunk_length, placed, inline_chunk)
+            object_id, replaced = self._insert_object(
+                conn,
+                seq,
+                object_name,
+                summary,
+                1,
+                inline_chunk_length,
+                metadata_string,
+                None,
+                None,
+                throw_on_duplicate,
+            )
+            conn.execute(
+                "INSERT INTO object_chunks(object_id, idx, sha, length) VALUES (?, 0, ?, ?)",
+                (object_id, key, inline_chunk_length),
+            )
+            if replaced is not None:
+                self._release_objects(conn, [replaced])
         self._process_trash()
         return PutObjectResult(inline_chunk_checksum, CHUNK_ALGORITHM, summary, SUMMARY_ALGORITHM)
 
