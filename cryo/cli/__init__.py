@@ -9,7 +9,11 @@ so ``cryo --help`` stays fast.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import pkgutil
+import sys
+import threading
 
 from cryo.cli.common import app
 
@@ -19,5 +23,32 @@ for _info in pkgutil.iter_modules(__path__):
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    Once the command is over, its output flushed and no thread but daemons
+    left, the process ends without tearing the interpreter down: freeing
+    every module and object of boto3 and the pipelines took 0.12-0.16 s
+    here, after the work was done. Anything else (an exit with a message,
+    output that cannot be flushed) ends the ordinary way.
+    """
+    try:
+        app()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    if (code is None or isinstance(code, int)) and _only_daemons_left():
+        try:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # a closed pipe: let the interpreter report it as it would
+        else:
+            os._exit(code or 0)
+    sys.exit(code)
+
+
+def _only_daemons_left() -> bool:
+    main_thread = threading.main_thread()
+    return all(t.daemon for t in threading.enumerate() if t is not main_thread)
