@@ -40,8 +40,9 @@ def main() -> None:
     if (code is None or isinstance(code, int)) and _only_daemons_left():
         try:
             logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:  # None: started with that descriptor closed
+                    stream.flush()
         except (OSError, ValueError):
             pass  # a closed pipe: let the interpreter report it as it would
         else:

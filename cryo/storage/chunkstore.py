@@ -50,7 +50,7 @@ class ChunkWriter(Protocol):
         """Flush the written bytes to stable storage (the slow part of a commit)."""
         ...
 
-    def commit(self, key: str) -> object:
+    def commit(self, key: str) -> tuple[int, ...]:
         """Make the written bytes durable under ``key`` (seals first if needed).
 
         Returns the stored file's identity (see ``ChunkStore.identity``).
@@ -75,7 +75,7 @@ class ChunkStore(Protocol):
 
     def exists(self, key: str) -> bool: ...
 
-    def identity(self, key: str) -> object | None:
+    def identity(self, key: str) -> tuple[int, ...] | None:
         """What tells the file stored under ``key`` from another put there since; None if absent."""
         ...
 
@@ -86,6 +86,11 @@ class ChunkStore(Protocol):
     def delete(self, key: str) -> None: ...
 
     def keys(self) -> Iterator[str]: ...
+
+
+def _identity_of(st: os.stat_result) -> tuple[int, ...]:
+    """A file's device, inode and mtime: a reused inode number comes with a later mtime."""
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 def fsync_dir(path: Path) -> None:
@@ -117,7 +122,7 @@ class _FileWriter:
         self._buf: mmap.mmap | None = None
         self._fill = 0
         self._length = 0
-        self._identity: tuple[int, int] | None = None
+        self._identity: tuple[int, ...] = ()
         if self._direct:
             try:
                 self._fd: int | None = os.open(self._tmp, flags | os.O_DIRECT, 0o600)
@@ -215,13 +220,13 @@ class _FileWriter:
                 os.ftruncate(self._fd, self._length)
             os.fsync(self._fd)
             st = os.fstat(self._fd)
-            self._identity = (st.st_dev, st.st_ino)
+            self._identity = _identity_of(st)
         finally:
             self._release()
             os.close(self._fd)
             self._fd = None
 
-    def commit(self, key: str) -> object:
+    def commit(self, key: str) -> tuple[int, ...]:
         self.seal()
         dest = self._store.path_of(key)
         try:
@@ -378,12 +383,12 @@ class FileChunkStore:
     def exists(self, key: str) -> bool:
         return self.path_of(key).is_file()
 
-    def identity(self, key: str) -> tuple[int, int] | None:
+    def identity(self, key: str) -> tuple[int, ...] | None:
         try:
             st = self.path_of(key).stat()
         except FileNotFoundError:
             return None
-        return (st.st_dev, st.st_ino)
+        return _identity_of(st)
 
     def sync(self, key: str) -> None:
         path = self.path_of(key)

@@ -639,7 +639,7 @@ class LocalBackend:
         return writer
 
     @contextlib.contextmanager
-    def _placing(self, writer: ChunkWriter | None, key: str) -> Iterator[object | None]:
+    def _placing(self, writer: ChunkWriter | None, key: str) -> Iterator[tuple[int, ...] | None]:
         """Put a received chunk's file in place, outside the catalog's lock, for the block.
 
         Yields the placed file's identity (None without a writer). The file is
@@ -647,7 +647,13 @@ class LocalBackend:
         (``_store_under_lock``). If the block fails, the file goes to the
         trash unless a row vouches for it; ``close`` waits for the block.
         """
-        with self._engine.used():
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self._engine.used())
+            except BaseException:
+                if writer is not None:
+                    writer.abort()  # closed while the body came in
+                raise
             placed = None
             if writer is not None:
                 try:
@@ -664,7 +670,12 @@ class LocalBackend:
                 raise
 
     def _store_under_lock(
-        self, conn: sqlite3.Connection, key: str, length: int, placed: object | None, data: Body
+        self,
+        conn: sqlite3.Connection,
+        key: str,
+        length: int,
+        placed: tuple[int, ...] | None,
+        data: Body,
     ) -> None:
         """Make chunk ``key`` present in store and catalog; call inside a write transaction.
 
@@ -864,32 +875,41 @@ class LocalBackend:
         key = _key_of(checksum, "Checksum")
         with self._engine.read() as conn:
             *_, done = self._open_upload(conn, backup_job_id, upload_id)
+            sent = self._chunk_at(conn, upload_id, chunk_index)
         if done is not None:
             raise IllegalArgumentException(f"upload {upload_id} is already complete")
         writer = self._receive(data, length, checksum, key, "")
+        # Not durable by itself: NotifyObjectComplete's commit is (see the module's doc),
+        # unless it replaces a chunk sent before under this index: that one goes to the
+        # trash, and only a durable transaction may drop a row a file depends on.
+        replaces = sent is not None and sent != key
         with self._placing(writer, key) as placed:
-            # Not durable by itself: NotifyObjectComplete's commit is (see the module's doc).
-            with self._engine.write(durable=False) as conn:
+            with self._engine.write(durable=replaces) as conn:
                 *_, done = self._open_upload(conn, backup_job_id, upload_id)
                 if done is not None:
                     raise IllegalArgumentException(f"upload {upload_id} is already complete")
                 self._store_under_lock(conn, key, length, placed, data)
-                old = conn.execute(
-                    "SELECT sha FROM upload_chunks WHERE upload_id = ? AND idx = ?",
-                    (upload_id, chunk_index),
-                ).fetchone()
+                old = self._chunk_at(conn, upload_id, chunk_index)
                 conn.execute(
                     "INSERT OR REPLACE INTO upload_chunks(upload_id, idx, sha, length) "
                     "VALUES (?, ?, ?, ?)",
                     (upload_id, chunk_index, key, length),
                 )
-            if old is not None and old[0] != key:
-                # A chunk sent again with other bytes: the one it replaces goes to the
-                # trash in a durable transaction, so its file is never deleted while
-                # a power loss could still bring back the row that used it.
+                late = old is not None and old != key and not replaces
+                if old is not None and old != key and replaces:
+                    self._trash_unreferenced(conn, [old])
+            if late:  # replaced by a call beside this one since it looked: trash it now
+                assert old is not None
                 with self._engine.write() as conn:
-                    self._trash_unreferenced(conn, [old[0]])
+                    self._trash_unreferenced(conn, [old])
         return PutChunkResult(checksum, CHUNK_ALGORITHM)
+
+    @staticmethod
+    def _chunk_at(conn: sqlite3.Connection, upload_id: str, index: int) -> str | None:
+        row = conn.execute(
+            "SELECT sha FROM upload_chunks WHERE upload_id = ? AND idx = ?", (upload_id, index)
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def _receive_blob(
         self,
