@@ -895,13 +895,12 @@ class LocalBackend:
                     "VALUES (?, ?, ?, ?)",
                     (upload_id, chunk_index, key, length),
                 )
-                late = old is not None and old != key and not replaces
-                if old is not None and old != key and replaces:
-                    self._trash_unreferenced(conn, [old])
-            if late:  # replaced by a call beside this one since it looked: trash it now
-                assert old is not None
+                stale = old if old is not None and old != key else None
+                if stale is not None and replaces:
+                    self._trash_unreferenced(conn, [stale])
+            if stale is not None and not replaces:  # sent beside this call since it looked
                 with self._engine.write() as conn:
-                    self._trash_unreferenced(conn, [old])
+                    self._trash_unreferenced(conn, [stale])
         return PutChunkResult(checksum, CHUNK_ALGORITHM)
 
     @staticmethod
