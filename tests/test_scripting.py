@@ -280,27 +280,27 @@ def _example(name: str) -> str:
     return block.split("```sh\n", 1)[1].rsplit("```", 1)[0]
 
 
-def test_a_command_started_with_its_output_closed_succeeds_and_keeps_its_log(
+def test_a_command_started_with_its_output_closed_keeps_its_exit_code_and_its_log(
     tmp_path: Path,
 ) -> None:
     src = make_tree(tmp_path / "src")
     log = tmp_path / "cryo.log"
-    args = ["--log-file", str(log), "backup", str(src), "--repo", str(tmp_path / "repo"), "-q"]
-    shell = [
-        "sh",
-        "-c",
-        'exec "$@" >&-',
-        "sh",
-        *CLI,
-        *args,
-    ]  # stdout closed, as some daemons leave it
-    r = subprocess.run(shell, capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
+    repo = str(tmp_path / "repo")
+    # stdout closed, as some daemons start their children
+    shell = ["sh", "-c", 'exec "$@" >&-', "sh", *CLI, "--log-file", str(log)]
+    r = subprocess.run([*shell, "backup", str(src), "--repo", repo, "-q"],
+                       capture_output=True, stdin=subprocess.DEVNULL, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert r.stderr == b""
     assert b"done" in log.read_bytes()
-    jobs = cryo("jobs", "--repo", str(tmp_path / "repo"), "--json")
+    jobs = cryo("jobs", "--repo", repo, "--json")
     assert jobs.returncode == 0
     assert [json.loads(line)["status"] for line in jobs.stdout.splitlines()] == ["COMPLETED"]
+    # A failure with nowhere to write its line still exits with its documented code.
+    missing = str(tmp_path / "missing")
+    quiet = ["sh", "-c", 'exec "$@" >&- 2>&-', "sh", *CLI, "backup", missing, "--repo", repo]
+    r = subprocess.run(quiet, capture_output=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == cryo("backup", missing, "--repo", repo).returncode == 2
 
 
 def test_readme_nightly_cron_script(tmp_path: Path) -> None:

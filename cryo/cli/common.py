@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, ParamSpec, TextIO, TypeVar
 
 import typer
 
@@ -230,10 +231,18 @@ def fail(message: str, code: int, as_json: bool = False) -> typer.Exit:
     log.error("%s (exit %d)", message, code)
     if as_json:
         record = {"type": "error", "message": message, "exit_code": code}
-        sys.stdout.write(json.dumps(record, sort_keys=True) + "\n")
-        sys.stdout.flush()
-    sys.stderr.write(f"cryo: {message}\n")
+        _say(sys.stdout, json.dumps(record, sort_keys=True) + "\n")
+    _say(sys.stderr, f"cryo: {message}\n")
     return typer.Exit(code)
+
+
+def _say(stream: TextIO | None, text: str) -> None:
+    """Write ``text`` if ``stream`` can take it: a closed one must not change the exit code."""
+    if stream is None:  # the process started with that descriptor closed
+        return
+    with contextlib.suppress(OSError, ValueError):
+        stream.write(text)
+        stream.flush()
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
