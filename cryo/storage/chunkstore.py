@@ -93,13 +93,18 @@ def _identity_of(st: os.stat_result) -> tuple[int, ...]:
     return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or creation in directory ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_path(path: Path, flags: int = 0) -> None:
+    """fsync the file (or, with ``O_DIRECTORY``, the directory) at ``path``."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flags)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or creation in directory ``path`` durable."""
+    fsync_path(path, os.O_DIRECTORY)
 
 
 class _FileWriter:
@@ -219,8 +224,7 @@ class _FileWriter:
                 self._flush(padded)
                 os.ftruncate(self._fd, self._length)
             os.fsync(self._fd)
-            st = os.fstat(self._fd)
-            self._identity = _identity_of(st)
+            self._identity = _identity_of(os.fstat(self._fd))
         finally:
             self._release()
             os.close(self._fd)
@@ -392,11 +396,7 @@ class FileChunkStore:
 
     def sync(self, key: str) -> None:
         path = self.path_of(key)
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_path(path)
         fsync_dir(path.parent)
 
     def delete(self, key: str) -> None:
