@@ -57,6 +57,7 @@ import os
 import re
 import secrets
 import stat
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -502,6 +503,8 @@ class _Restore:
         probe = b"%s%08x.tmp" % (self._temp_prefix, (member << 28) | 0xFFFFFFF)  # not a counter's
         self._unnamed = _can_name_unnamed_files(self.root_fd, probe)
         """Whether small files are created without a name (until the file system refuses)."""
+        self._by_descriptor = True
+        """Whether unnamed files are named by descriptor (until the system refuses)."""
         self.helpers: dict[int, _Counts] = {}
         """What each helper process has done so far (see ``_Counts``)."""
         self.shared = False
@@ -666,7 +669,7 @@ class _Restore:
         if unnamed:
             assert fd is not None
             try:  # its first name: nothing of it was ever visible before
-                os.link(_fd_path(fd), name, dst_dir_fd=dir_fd)
+                self._link_unnamed(fd, dir_fd, name)
                 with self._lock:
                     self.entries += 1
                 return
@@ -676,7 +679,7 @@ class _Restore:
                         self.skipped += 1
                     return
                 self._naming_temporary_in(entry.path)
-                os.link(_fd_path(fd), temp, dst_dir_fd=dir_fd)  # replaced as a temporary would
+                self._link_unnamed(fd, dir_fd, temp)  # replaced as a temporary would
             except OSError:  # linking by /proc refused here: a named copy, as elsewhere
                 self._unnamed = False
                 self._naming_temporary_in(entry.path)
@@ -689,6 +692,14 @@ class _Restore:
             return
         with self._lock:
             self.entries += 1
+
+    def _link_unnamed(self, fd: int, dir_fd: int, name: bytes) -> None:
+        """Give the unnamed file ``fd`` the name ``name`` in ``dir_fd``."""
+        if self._by_descriptor:
+            if _link_by_descriptor(fd, dir_fd, name):
+                return
+            self._by_descriptor = False  # not allowed here: by its /proc path from now on
+        os.link(_fd_path(fd), name, dst_dir_fd=dir_fd)
 
     def _name_copy(self, fd: int, dir_fd: int, temp: bytes) -> None:
         """Copy the unnamed file ``fd`` (small, finished) to the temporary ``temp``."""
@@ -1114,6 +1125,46 @@ def _can_name_unnamed_files(dir_fd: int, probe: bytes) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+_AT_EMPTY_PATH = 0x1000
+_linkat: Any = None
+"""libc's ``linkat`` once looked up (``(ctypes, function)``); False where there is none."""
+
+
+def _link_by_descriptor(fd: int, dir_fd: int, name: bytes) -> bool:
+    """Name the unnamed file ``fd`` ``name`` in ``dir_fd``: ``linkat`` with ``AT_EMPTY_PATH``.
+
+    It takes about a third less system time than a link from the file's
+    /proc path, which the kernel must resolve first. False where it is not
+    allowed (most kernels ask for ``CAP_DAC_READ_SEARCH``, which root has);
+    any other failure raises, as ``os.link`` would.
+    """
+    global _linkat
+    if _linkat is None:
+        _linkat = False
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            try:
+                fn = ctypes.CDLL(None, use_errno=True).linkat
+            except (OSError, AttributeError):
+                pass
+            else:
+                c_int, c_path = ctypes.c_int, ctypes.c_char_p
+                fn.argtypes = [c_int, c_path, c_int, c_path, c_int]
+                _linkat = (ctypes, fn)
+    if _linkat is False:
+        return False
+    ctypes, fn = _linkat
+    while fn(fd, b"", dir_fd, name, _AT_EMPTY_PATH) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            continue
+        if err in (errno.EPERM, errno.ENOENT, errno.EINVAL, errno.ENOSYS, errno.EACCES):
+            return False
+        raise OSError(err, os.strerror(err), os.fsdecode(name))
+    return True
 
 
 def _fd_path(fd: int) -> bytes:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import cryo.restore as restore_module
 from cryo.backup import BackupOptions, run_backup
 from cryo.jobreader import JobReader
 from cryo.manifest import Extent, ManifestEntry
@@ -483,16 +484,22 @@ def test_a_directory_in_the_way_of_a_hard_link_is_named_and_kept(
     assert list(out.rglob(".cryo-*")) == []
 
 
-@pytest.mark.parametrize("refused_at", ["open", "link"])
+@pytest.mark.parametrize("refused_at", ["open", "descriptor", "link"])
 def test_files_get_their_names_where_unnamed_files_are_refused(
     tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch, refused_at: str
 ) -> None:
     # "open": the file system has no O_TMPFILE, so files get named temporaries.
+    # "descriptor": naming an unnamed file by its descriptor is not allowed (no
+    # CAP_DAC_READ_SEARCH): each is named by its /proc path instead.
     # "link": unnamed files work when the restore starts, then naming one fails (a
     # sandbox's /proc, a mount inside the target): each is copied to a temporary.
     backend, job = backup_tree(tmp_path, tree)
     real_open, real_link = os.open, os.link
-    refused = []
+    refused: list[object] = []
+
+    def not_by_descriptor(fd: int, dir_fd: int, name: bytes) -> bool:
+        refused.append(name)
+        return False
 
     def no_tmpfile(path: object, flags: int, *args: object, **kw: object) -> int:
         if flags & os.O_TMPFILE == os.O_TMPFILE:
@@ -509,6 +516,8 @@ def test_files_get_their_names_where_unnamed_files_are_refused(
     if refused_at == "open":
         monkeypatch.setattr(os, "open", no_tmpfile)
     else:
+        monkeypatch.setattr(restore_module, "_link_by_descriptor", not_by_descriptor)
+    if refused_at == "link":
         monkeypatch.setattr(os, "link", refusing_link)
     out = tmp_path / "out"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
@@ -518,21 +527,32 @@ def test_files_get_their_names_where_unnamed_files_are_refused(
     assert list(out.rglob(".cryo-*")) == []
 
 
+@pytest.mark.parametrize("named_by", ["descriptor", "proc"])
 def test_never_keeps_a_file_that_appears_while_the_restore_runs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named_by: str
 ) -> None:
     src, backend, job = one_file_job(tmp_path)
     out = tmp_path / "out"
     restored = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
     restored.mkdir(parents=True)
-    real_link = os.link
+    real_link, real_by_descriptor = os.link, restore_module._link_by_descriptor
 
-    def someone_else_first(src_: object, dst: bytes, **kw: object) -> None:
-        if dst == b"f":  # another program creates the file just before it is named
+    def someone_else_first(name: bytes) -> None:
+        if name == b"f":  # another program creates the file just before it is named
             (restored / "f").write_text("someone else's")
+
+    def link(src_: object, dst: bytes, **kw: object) -> None:
+        someone_else_first(dst)
         real_link(src_, dst, **kw)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "link", someone_else_first)
+    def by_descriptor(fd: int, dir_fd: int, name: bytes) -> bool:
+        if named_by == "proc":
+            return False
+        someone_else_first(name)
+        return real_by_descriptor(fd, dir_fd, name)
+
+    monkeypatch.setattr(os, "link", link)
+    monkeypatch.setattr(restore_module, "_link_by_descriptor", by_descriptor)
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out), overwrite="never"))
     assert summary.failures == () and summary.skipped == 1
     assert (restored / "f").read_text() == "someone else's"

@@ -274,17 +274,20 @@ def test_a_helper_that_dies_is_reported_and_its_temporaries_removed(
     leader = os.getpid()
     placed = []
 
-    def dying(real: Callable[..., None]) -> Callable[..., None]:
-        def place(*args: object, **kw: object) -> None:
+    def dying(real: Callable[..., object]) -> Callable[..., object]:
+        def place(*args: object, **kw: object) -> object:
             placed.append(1)
             if os.getpid() != leader and len(placed) > 20:  # killed, with temporaries open
                 os.kill(os.getpid(), signal.SIGKILL)
-            real(*args, **kw)
+            return real(*args, **kw)
 
         return place
 
-    monkeypatch.setattr(os, "rename", dying(os.rename))  # a file gets its name by either
+    # A file gets its name by any of these.
+    monkeypatch.setattr(os, "rename", dying(os.rename))
     monkeypatch.setattr(os, "link", dying(os.link))
+    by_descriptor = dying(restore_module._link_by_descriptor)
+    monkeypatch.setattr(restore_module, "_link_by_descriptor", by_descriptor)
     out = tmp_path / "out"
     with pytest.raises(HelperFailed, match=r"stopped unexpectedly \(signal 9\)"):
         # Small batches: the first process reads the manifest only as it restores.
