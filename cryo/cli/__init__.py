@@ -8,6 +8,7 @@ so ``cryo --help`` stays fast.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import os
@@ -30,7 +31,13 @@ def main() -> None:
     every module and object of boto3 and the pipelines took 0.12-0.16 s
     here, after the work was done. Anything else (an exit with a message,
     output that cannot be flushed) ends the ordinary way.
+
+    The cycle collector looks at the young objects once per ``_GC_YOUNG``
+    allocations instead of 700: a restore of 35,000 small files spent 0.29 s
+    of CPU in it, and 0.03 s so. Garbage in cycles still goes, only a few
+    thousand allocations later.
     """
+    gc.set_threshold(_GC_YOUNG, *gc.get_threshold()[1:])
     try:
         app()
     except SystemExit as exc:
@@ -48,6 +55,9 @@ def main() -> None:
         else:
             os._exit(code or 0)
     sys.exit(code)
+
+
+_GC_YOUNG = 20_000
 
 
 def _only_daemons_left() -> bool:
