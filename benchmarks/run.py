@@ -9,7 +9,8 @@ One command runs everything and writes the report:
 For each dataset (see ``datasets.py``; generated on first use) it first
 measures the machine's limits on that data: reading it with
 ``tar -cf - DIR | cat > /dev/null``, then SHA-256, xxh3-128 and zstd levels 1
-and 3 on up to 256 MiB of its bytes. The same untimed read is repeated right
+and 3 on up to 256 MiB of its bytes, and on a dataset of many files the
+restore floor (``measure_create``). The same untimed read is repeated right
 before each tool's repetition, so that every tool finds the dataset in the
 page cache alike (borg drops the pages it read, and this kind of virtual
 machine shrinks its page cache by itself). Then, for each repetition, each tool in
@@ -1029,6 +1030,74 @@ def measure_compute(root: Path, manifest: Manifest) -> dict[str, Any]:
     return limits
 
 
+CREATE_FLOOR_MIN_FILES = 1000
+"""The restore floor is measured on datasets of at least this many regular files
+(a tenth of it with ``--smoke``, whose ``small`` dataset has a few hundred)."""
+
+
+def measure_create(manifest: Manifest, dest: Path, min_files: int) -> dict[str, Any]:
+    """Seconds to create the dataset's tree at ``dest`` with nothing but the system calls.
+
+    The least any restore of it can take on this machine: directories made
+    first, then regular files shared by one process per CPU in contiguous
+    runs (each created under its final name, written from memory, given its
+    mode and mtime), symlinks, and last the directories' modes and mtimes.
+    Nothing is read, verified, decompressed or named twice. Measured on
+    datasets of at least ``min_files`` files only, where making
+    files, not moving bytes, is the work. The tree is left in place: deleting
+    it would slow the file creation of what follows.
+    """
+    files = sorted((rel, e) for rel, e in manifest.items() if e.kind == "f")
+    if len(files) < min_files:
+        return {}
+    entries = sorted(manifest.items())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(8 * MIB)
+    procs = max(1, len(os.sched_getaffinity(0)))
+    runs = [files[len(files) * k // procs : len(files) * (k + 1) // procs] for k in range(procs)]
+    os.sync()  # the dirty pages of what came before are not this measurement's
+    started = time.perf_counter()
+    dest.mkdir(mode=0o700)
+    root = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    for rel, e in entries:
+        if rel and e.kind == "d":
+            os.mkdir(rel, 0o700, dir_fd=root)
+    children = []
+    for index, run in enumerate(runs):
+        pid = os.fork()
+        if pid == 0:  # the child: its run of files, then os._exit
+            code = 1
+            try:
+                os.umask(0)
+                for rel, e in run:
+                    fd = os.open(rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL, e.mode, dir_fd=root)
+                    left = e.size
+                    while left:
+                        left -= os.write(fd, memoryview(block)[: min(left, len(block))])
+                    os.utime(fd, (e.mtime, e.mtime))
+                    os.close(fd)
+                if index == 0:
+                    for rel, e in entries:
+                        if e.kind == "l":
+                            os.symlink(e.target, rel, dir_fd=root)
+                code = 0
+            finally:
+                os._exit(code)
+        children.append(pid)
+    failed = [pid for pid in children if os.waitpid(pid, 0)[1] != 0]
+    for rel, e in reversed(entries):
+        if e.kind == "d":
+            os.chmod(rel or b".", e.mode, dir_fd=root)
+            os.utime(rel or b".", (e.mtime, e.mtime), dir_fd=root)
+    os.close(root)
+    seconds = time.perf_counter() - started
+    os.sync()  # nor are its dirty pages the next step's
+    if failed:
+        FINDINGS.append(f"- the restore floor could not be measured under {dest}")
+        return {}
+    return {"create_floor": seconds, "create_floor_procs": procs}
+
+
 # -- the machine and the run ---------------------------------------------------------
 
 
@@ -1350,6 +1419,39 @@ def render_markdown(
                     f"{'-' if target is None else f'≤ {target}'} | "
                     f"{_verdict(r_faster, target, *valid)} |"
                 )
+    floors = [(i, limits.get(i.name, {})) for i in infos]
+    floors = [(i, lim) for i, lim in floors if lim.get("create_floor")]
+    if floors:
+        out += [
+            "",
+            "## Restore floor",
+            "",
+            "The least any restore of a dataset of many files can take here: its tree created "
+            "with nothing but the system calls, by one process per CPU (every file created "
+            "under its final name, written from memory, given its mode and mtime; nothing "
+            "read, verified or named twice). Floor / faster: the lowest ratio a restore could "
+            "reach in this run.",
+            "",
+            "| dataset | processes | floor s | floor / faster | target | cryo-embedded / floor "
+            "| cryo-server / floor |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for info, lim in floors:
+            floor = lim["create_floor"]
+            faster = _faster(
+                figures.get((info.name, "restore", "restic")),
+                figures.get((info.name, "restore", "borg")),
+            )
+            cells = []
+            for tool in ("cryo-embedded", "cryo-server"):
+                f = figures.get((info.name, "restore", tool))
+                cells.append(_fmt(f.wall / floor if f is not None and f.wall else None))
+            target = WALL_TARGETS[("restore", "cryo-embedded")]
+            out.append(
+                f"| {info.name} | {lim.get('create_floor_procs', '-')} | {floor:.2f} | "
+                f"{_fmt(floor / faster.wall if faster and faster.wall else None)} | "
+                f"≤ {target} | " + " | ".join(cells) + " |"
+            )
     out += [
         "",
         "## Peak RSS: cryo / restic",
@@ -1578,11 +1680,20 @@ def main(argv: list[str] | None = None) -> int:
         infos.append(info)
         root = Path(info.path)
         limits[name].update(measure_compute(root, manifest))
+        floor_files = CREATE_FLOOR_MIN_FILES // (10 if args.smoke else 1)
+        floor_dir = run_dir / "restores" / name / "floor"
+        limits[name].update(measure_create(manifest, floor_dir, floor_files))
         print(
             "  limits (MiB/s): "
-            + ", ".join(f"{k} {v:.0f}" for k, v in limits[name].items() if k != "zstd1_ratio"),
+            + ", ".join(
+                f"{k} {v:.0f}"
+                for k, v in limits[name].items()
+                if k != "zstd1_ratio" and not k.startswith("create_floor")
+            ),
             flush=True,
         )
+        if "create_floor" in limits[name]:
+            print(f"  restore floor: {limits[name]['create_floor']:.2f} s", flush=True)
         plan = touch_plan(manifest)
         plans[name] = len(plan)
         ds = DatasetRun(info, manifest, plan, journal)

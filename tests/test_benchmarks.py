@@ -59,6 +59,14 @@ def test_smoke_run_of_every_installed_tool(tmp_path: Path) -> None:
             assert re.search(restore, md, re.MULTILINE)
     for tool in absent:
         assert f"{tool}: absent" in md
+    # The least a restore of the dataset of many files could take, beside cryo's.
+    floor = re.search(
+        r"^\| small \| \d+ \| (\d+\.\d+) \| (\S+) \| ≤ 0\.5 \| (\d+\.\d+) \| (\d+\.\d+) \|$",
+        md,
+        re.MULTILINE,
+    )
+    assert floor, md.split("## Restore floor")[-1][:800]
+    assert float(floor.group(1)) > 0 and float(floor.group(3)) > 0
     assert "No step failed." in md
 
     raw = json.loads((results / "results.json").read_text())
