@@ -680,7 +680,7 @@ class _Restore:
                     return
                 self._naming_temporary_in(entry.path)
                 self._link_unnamed(fd, dir_fd, temp)  # replaced as a temporary would
-            except OSError:  # linking by /proc refused here: a named copy, as elsewhere
+            except OSError:  # naming it refused here (a sandbox's /proc): a named copy instead
                 self._unnamed = False
                 self._naming_temporary_in(entry.path)
                 self._name_copy(fd, dir_fd, temp)
@@ -1142,18 +1142,7 @@ def _link_by_descriptor(fd: int, dir_fd: int, name: bytes) -> bool:
     """
     global _linkat
     if _linkat is None:
-        _linkat = False
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            try:
-                fn = ctypes.CDLL(None, use_errno=True).linkat
-            except (OSError, AttributeError):
-                pass
-            else:
-                c_int, c_path = ctypes.c_int, ctypes.c_char_p
-                fn.argtypes = [c_int, c_path, c_int, c_path, c_int]
-                _linkat = (ctypes, fn)
+        _linkat = _load_linkat()  # (two threads may both look it up: the same result)
     if _linkat is False:
         return False
     ctypes, fn = _linkat
@@ -1165,6 +1154,21 @@ def _link_by_descriptor(fd: int, dir_fd: int, name: bytes) -> bool:
             return False
         raise OSError(err, os.strerror(err), os.fsdecode(name))
     return True
+
+
+def _load_linkat() -> Any:
+    """libc's ``linkat`` with its argument types (``(ctypes, function)``); False if none."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).linkat
+    except (OSError, AttributeError):
+        return False
+    c_int, c_path = ctypes.c_int, ctypes.c_char_p
+    fn.argtypes = [c_int, c_path, c_int, c_path, c_int]
+    return (ctypes, fn)
 
 
 def _fd_path(fd: int) -> bytes:
