@@ -1118,7 +1118,8 @@ def _can_name_unnamed_files(dir_fd: int, probe: bytes) -> bool:
     except OSError:
         return False
     try:
-        os.link(_fd_path(fd), probe, dst_dir_fd=dir_fd)
+        if not _link_by_descriptor(fd, dir_fd, probe):
+            os.link(_fd_path(fd), probe, dst_dir_fd=dir_fd)
         os.unlink(probe, dir_fd=dir_fd)
         return True
     except OSError:
@@ -1160,11 +1161,11 @@ def _load_linkat() -> Any:
     """libc's ``linkat`` with its argument types (``(ctypes, function)``); False if none."""
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     try:
+        import ctypes
+
         fn = ctypes.CDLL(None, use_errno=True).linkat
-    except (OSError, AttributeError):
+    except (ImportError, OSError, AttributeError):  # (a Python built without ctypes)
         return False
     c_int, c_path = ctypes.c_int, ctypes.c_char_p
     fn.argtypes = [c_int, c_path, c_int, c_path, c_int]

@@ -496,9 +496,10 @@ def test_files_get_their_names_where_unnamed_files_are_refused(
     backend, job = backup_tree(tmp_path, tree)
     real_open, real_link = os.open, os.link
     refused: list[object] = []
+    by_descriptor: list[bytes] = []
 
     def not_by_descriptor(fd: int, dir_fd: int, name: bytes) -> bool:
-        refused.append(name)
+        by_descriptor.append(name)
         return False
 
     def no_tmpfile(path: object, flags: int, *args: object, **kw: object) -> int:
@@ -522,9 +523,29 @@ def test_files_get_their_names_where_unnamed_files_are_refused(
     out = tmp_path / "out"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
     assert summary.failures == ()
-    assert refused  # it was tried, refused, and the files were named another way
+    # It was tried, refused, and the files were named another way.
+    assert refused if refused_at in ("open", "link") else by_descriptor
     assert snapshot(out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))) == snapshot(tree)
     assert list(out.rglob(".cryo-*")) == []
+
+
+def test_an_unnamed_file_is_named_by_its_descriptor_and_never_over_another(
+    tmp_path: Path,
+) -> None:
+    dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(b".", os.O_RDWR | os.O_TMPFILE, 0o600, dir_fd=dir_fd)
+    try:
+        os.write(fd, b"verified bytes")
+        (tmp_path / "taken").write_bytes(b"someone else's")
+        if not restore_module._link_by_descriptor(fd, dir_fd, b"named"):
+            pytest.skip("naming by descriptor needs CAP_DAC_READ_SEARCH here")
+        assert (tmp_path / "named").read_bytes() == b"verified bytes"
+        with pytest.raises(FileExistsError):
+            restore_module._link_by_descriptor(fd, dir_fd, b"taken")
+        assert (tmp_path / "taken").read_bytes() == b"someone else's"
+    finally:
+        os.close(fd)
+        os.close(dir_fd)
 
 
 @pytest.mark.parametrize("named_by", ["descriptor", "proc"])
