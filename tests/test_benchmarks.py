@@ -59,7 +59,7 @@ def test_smoke_run_of_every_installed_tool(tmp_path: Path) -> None:
             assert re.search(restore, md, re.MULTILINE)
     for tool in absent:
         assert f"{tool}: absent" in md
-    # The least a restore of the dataset of many files could take, beside cryo's.
+    # The restore floor of the dataset of many files, beside cryo's restores.
     floor = re.search(
         r"^\| small \| \d+ \| (\d+\.\d+) \| (\S+) \| ≤ 0\.5 \| (\d+\.\d+) \| (\d+\.\d+) \|$",
         md,
