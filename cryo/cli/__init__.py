@@ -23,6 +23,10 @@ for _info in pkgutil.iter_modules(__path__):
         importlib.import_module(f"cryo.cli.{_info.name}")
 
 
+_GC_YOUNG = 20_000
+"""Allocations between two looks of the cycle collector at young objects (see ``main``)."""
+
+
 def main() -> None:
     """Console-script entry point.
 
@@ -55,9 +59,6 @@ def main() -> None:
         else:
             os._exit(code or 0)
     sys.exit(code)
-
-
-_GC_YOUNG = 20_000
 
 
 def _only_daemons_left() -> bool:

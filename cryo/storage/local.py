@@ -43,7 +43,8 @@ Guarantees:
   in durable transactions.
 * **Concurrency.** Each thread has its own SQLite connection; writes are
   serialised by SQLite's lock (``BEGIN IMMEDIATE``); bulk I/O, hashing and
-  the fsyncs of chunk files happen outside it. Several processes may share one repository.
+  the fsyncs of chunk files happen outside it. Several processes may share
+  one repository.
 """
 
 from __future__ import annotations
