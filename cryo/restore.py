@@ -31,6 +31,13 @@ files or ``batch_bytes`` of data). For each batch:
    on) its last piece. A corrupt or partial file never sits under a real
    name, and a file is never read back.
 
+The short path: most files of a tree are small, one piece of one packed
+chunk, in a directory the restore made. Their records are checked where they
+are read, without being decoded into entries, and the worker holding their
+chunk does all of a file at once (check its xxh3-128, create it unnamed,
+write, owner, mode, times, name), with no state shared per file (``_Small``).
+Anything unusual on the way hands the file to the general path above.
+
 Directories are created as they come (owner-only at first) and get their
 final mode, owner and times last, deepest first, so restoring files into them
 does not change their mtime. Hard links are made once their target exists.
@@ -61,7 +68,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
@@ -330,10 +337,15 @@ class _Dirs:
             self._pins[fd] = self._pins.get(fd, 0) + 1
 
     def unpin(self, fd: int) -> None:
+        self.unpin_all((fd,))
+
+    def unpin_all(self, fds: Iterable[int]) -> None:
         with self._lock:
-            n = self._pins.pop(fd) - 1
-            if n:
-                self._pins[fd] = n
+            pins = self._pins
+            for fd in fds:
+                n = pins.pop(fd) - 1
+                if n:
+                    pins[fd] = n
 
     def trim(self, keep: int = 256) -> None:
         """Once over twice ``keep``, close the oldest unpinned cached descriptors down to ``keep``.
@@ -392,6 +404,30 @@ class _Pending:
                     os.close(fd)
         self.fd = -1
         self.direct_fd = None
+
+
+class _Small(NamedTuple):
+    """A file on the short path: one piece of one chunk, written once, verified first.
+
+    The manifest reader checks its record (``_Restore.short_path``) without
+    decoding it into a ``ManifestEntry``; the fetch worker that holds its
+    chunk checks its xxh3-128 in memory, then creates it unnamed, writes it,
+    gives it its metadata and names it (``_Restore.write_small``). Anything
+    out of the ordinary takes the general path, which decodes the record.
+    """
+
+    key: tuple[str, int]
+    """The chunk holding the file's bytes: (data object, chunk index)."""
+    chunk_offset: int
+    length: int
+    xxh3: str
+    mode: int
+    mtime_ns: int
+    owner: tuple[int, int] | None
+    """The ids to give it (by name where this system knows the name); None: leave them."""
+    dir_fd: int
+    parts: list[bytes]
+    record: dict[str, Any]
 
 
 class _InOrderHash:
@@ -738,6 +774,139 @@ class _Restore:
         """A name no other temporary of this restore has (a run's prefix and a counter)."""
         return b"%s%08x.tmp" % (self._temp_prefix, next(self._temp_names))
 
+    def short_path(self, record: dict[str, Any], path: bytes) -> _Small | None:
+        """The file of ``record`` at ``path``, if it can take the short path (``_Small``).
+
+        That is a file smaller than ``DIRECT_MIN_SIZE`` whose one extent is
+        all of it, without extended attributes, in a directory this restore
+        made, on a file system that creates unnamed files; and a record whose
+        every field has its type and lies in the range ``check_entry`` asks
+        for. None sends it the general way (which reports what is wrong).
+        Runs in the manifest reader's thread, as ``add_file`` does.
+        """
+        if not self._unnamed:
+            return None
+        get = record.get
+        size, extents = get("s"), get("d")
+        if type(size) is not int or not 0 < size < DIRECT_MIN_SIZE:
+            return None
+        if type(extents) is not list or len(extents) != 1 or "x" in record:
+            return None
+        extent = extents[0]
+        if type(extent) is not list or len(extent) != 5:
+            return None
+        file_offset, name, index, offset, length = extent
+        if file_offset != 0 or length != size or type(name) is not str:
+            return None
+        mode, mtime, uid, gid = get("m", 0), get("mt", 0), get("u", 0), get("g", 0)
+        user, group, xx = get("un"), get("gn"), get("xx")
+        if not (
+            _ints(file_offset, index, offset, mode, mtime, uid, gid)
+            and _ints(get("ct", 0), get("ino", 0), get("dev", 0), get("rd", 0))
+            and index >= 0
+            and offset >= 0
+            and 0 <= mode <= 0o7777
+            and 0 <= uid <= _MAX_ID
+            and 0 <= gid <= _MAX_ID
+            and -_MAX_OFFSET <= mtime <= _MAX_OFFSET
+            and get("rd", 0) == 0
+            and type(xx) is str
+            and (user is None or type(user) is str)
+            and (group is None or type(group) is str)
+        ):
+            return None
+        try:
+            parts = check_path(path)
+        except UnsafePath:
+            return None
+        if max(map(len, parts)) > _NAME_MAX:
+            return None
+        dir_fd = self.dirs.open(parts[:-1], create=True)
+        if not self.dirs.is_fresh(parts[:-1]):
+            return None  # something may be in the way: the overwrite policy decides
+        owner = _owner_of(user, uid, group, gid) if self.options.owners else None
+        self.dirs.pin(dir_fd)  # until its chunk is written (``fetch``)
+        return _Small((name, index), offset, length, xx, mode, mtime, owner, dir_fd, parts, record)
+
+    def write_small(self, data: bytes | memoryview, smalls: list[_Small]) -> None:
+        """Write the files of ``smalls`` from ``data``, the chunk that holds them.
+
+        Each is checked in memory, then created unnamed, written, given its
+        owner, mode and times, and named. One that fails its check, or meets
+        anything unusual (its name taken, unnamed files refused), goes on the
+        general path, which copes or reports it.
+        """
+        from xxhash import xxh3_128_hexdigest
+
+        view = memoryview(data)
+        files = written = 0
+        flags = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
+        for s in smalls:
+            piece = view[s.chunk_offset : s.chunk_offset + s.length]
+            if not self._unnamed or len(piece) != s.length or xxh3_128_hexdigest(piece) != s.xxh3:
+                written += self._long_path(s, piece)
+                continue
+            try:
+                fd = os.open(b".", flags, 0o600, dir_fd=s.dir_fd)
+            except OSError:
+                written += self._long_path(s, piece)  # (which says why, or copes)
+                continue
+            try:
+                pos = 0
+                while pos < s.length:
+                    n = os.pwrite(fd, piece[pos:], pos)
+                    if n == 0:
+                        raise OSError(errno.EIO, "the file system wrote nothing")
+                    pos += n
+                if s.owner is not None:
+                    with contextlib.suppress(OSError):
+                        os.fchown(fd, *s.owner)
+                os.fchmod(fd, s.mode)
+                os.utime(fd, ns=(s.mtime_ns, s.mtime_ns))
+                try:
+                    self._link_unnamed(fd, s.dir_fd, s.parts[-1])
+                except OSError:  # the name is taken, or naming refused: the general way
+                    p = _Pending(
+                        self._entry_of(s), s.parts, s.dir_fd, self._temp_name(), remaining=0,
+                        fd=fd, digest=s.xxh3, unnamed=True,
+                    )  # fmt: skip
+                    fd = -1  # (the pending file's now)
+                    self.dirs.pin(s.dir_fd)  # (its own pin: ``_release`` takes it)
+                    self.finish_file(p)
+                    written += s.length
+                    continue
+            finally:
+                if fd >= 0:
+                    os.close(fd)
+            files += 1
+            written += s.length
+        with self._lock:
+            self.files += files
+            self.entries += files
+            self.bytes_written += written
+
+    def _entry_of(self, s: _Small) -> ManifestEntry:
+        return ManifestEntry.from_json(s.record, ("f", b"/".join(s.parts)))
+
+    def _long_path(self, s: _Small, piece: memoryview) -> int:
+        """``s`` the general way, from its ``piece`` of the chunk; returns the bytes written."""
+        entry = self._entry_of(s)
+        p = _Pending(entry, s.parts, s.dir_fd, self._temp_name(), remaining=1)
+        self.dirs.pin(s.dir_fd)  # (its own pin: ``_release`` takes it)
+        written = 0
+        if len(piece) != s.length:
+            with p.lock:
+                name, index = s.key
+                self._give_up(p, f"chunk {index} of {name!r} is shorter than its extent")
+        else:
+            written = self._write_whole(p, piece)
+        self._account(p)
+        return written
+
+    def small_failed(self, s: _Small, why: str) -> None:
+        """``s`` cannot be restored (its chunk is corrupt): reported, as the general path does."""
+        self.fail(b"/".join(s.parts), f"not restored: {why}")
+
     def add_file(self, parts: list[bytes], entry: ManifestEntry) -> _Pending | None:
         """A file to restore; None when there is nothing to fetch for it.
 
@@ -869,8 +1038,25 @@ class _Restore:
             self._open_files.discard(p)
         self.dirs.unpin(p.dir_fd)
 
-    def fetch(self, key: tuple[str, int], users: list[tuple[_Pending, int, int, int]]) -> None:
+    def fetch(
+        self,
+        key: tuple[str, int],
+        users: list[tuple[_Pending, int, int, int]],
+        smalls: list[_Small],
+    ) -> None:
         """Fetch one chunk and write its slices into every file that needs it."""
+        try:
+            self._fetch(key, users, smalls)
+        finally:
+            if smalls:
+                self.dirs.unpin_all([s.dir_fd for s in smalls])
+
+    def _fetch(
+        self,
+        key: tuple[str, int],
+        users: list[tuple[_Pending, int, int, int]],
+        smalls: list[_Small],
+    ) -> None:
         self.coordinator.check()
         name, index = key
         try:
@@ -883,11 +1069,13 @@ class _Restore:
                 with p.lock:
                     self._give_up(p, str(exc))
                 self._account(p)
+            for s in smalls:
+                self.small_failed(s, str(exc))
             return
         written = 0
         # Many files from one chunk: per-file system calls, one writer per CPU. One
         # piece of one file: a large write that keeps the disk busy, not the GIL.
-        with self._writers if len(users) > 1 else contextlib.nullcontext():
+        with self._writers if len(users) + len(smalls) > 1 else contextlib.nullcontext():
             for p, file_offset, chunk_offset, length in users:
                 piece = memoryview(data)[chunk_offset : chunk_offset + length]
                 if len(piece) != length:
@@ -898,6 +1086,8 @@ class _Restore:
                 else:
                     written += self._write_piece(p, piece, file_offset)
                 self._account(p)
+            if smalls:
+                self.write_small(data, smalls)
         with self._lock:
             self.bytes_written += written
 
@@ -947,20 +1137,26 @@ class _Restore:
                 raise OSError(errno.EIO, "the file system wrote nothing")
             piece, offset = piece[n:], offset + n
 
-    def submit(self, batch: list[_Pending]) -> None:
-        """Queue the fetches of ``batch``'s chunks, each chunk once for all its files."""
+    def submit(self, batch: list[_Pending], smalls: list[_Small] | None = None) -> None:
+        """Queue the fetches of ``batch``'s and ``smalls``' chunks, each chunk once for all
+        its files."""
         by_chunk: dict[tuple[str, int], list[tuple[_Pending, int, int, int]]] = defaultdict(list)
         for p in batch:
             for e in p.entry.extents:
                 by_chunk[(e.object_name, e.chunk_index)].append(
                     (p, e.file_offset, e.chunk_offset, e.length)
                 )
+        small_by_chunk: dict[tuple[str, int], list[_Small]] = defaultdict(list)
+        for s in smalls or ():
+            small_by_chunk[s.key].append(s)
         pool, check = self.pool, self.coordinator.check
         for key, users in by_chunk.items():
             for p, file_offset, _, _ in users:
                 if p.hasher is not None:
                     p.hasher.wait_turn(file_offset, pool.busy, check)
-            pool.submit(self.fetch, key, users)
+            pool.submit(self.fetch, key, users, small_by_chunk.pop(key, []))
+        for key, group in small_by_chunk.items():
+            pool.submit(self.fetch, key, [], group)
 
     def drain(self) -> None:
         """Wait for every fetch; re-raise the first fatal error."""
@@ -1084,6 +1280,11 @@ def _written_whole(entry: ManifestEntry) -> bool:
     return len(extents) == 1 and extents[0].file_offset == 0 and extents[0].length == entry.size
 
 
+def _ints(*values: Any) -> bool:
+    """Whether every one of ``values`` is an int (not a bool, not a float)."""
+    return all(type(v) is int for v in values)
+
+
 def _remove_prefixed(dir_fd: int, prefix: str) -> None:
     with os.scandir(dir_fd) as it:
         names = [d.name for d in it if d.name.startswith(prefix)]
@@ -1178,6 +1379,7 @@ def _fd_path(fd: int) -> bytes:
 
 
 _id_cache: dict[tuple[str, str], int | None] = {}
+_owner_cache: dict[tuple[str | None, int, str | None, int], tuple[int, int]] = {}
 
 
 def _id_by_name(kind: str, name: str | None, fallback: int) -> int:
@@ -1199,7 +1401,16 @@ def _id_by_name(kind: str, name: str | None, fallback: int) -> int:
 
 def _owner_ids(entry: ManifestEntry) -> tuple[int, int]:
     """uid and gid by name where this system knows the name, else the numeric ids."""
-    return _id_by_name("u", entry.user, entry.uid), _id_by_name("g", entry.group, entry.gid)
+    return _owner_of(entry.user, entry.uid, entry.group, entry.gid)
+
+
+def _owner_of(user: str | None, uid: int, group: str | None, gid: int) -> tuple[int, int]:
+    """``_owner_ids`` of an entry's fields (looked up once per distinct owner)."""
+    key = (user, uid, group, gid)
+    ids = _owner_cache.get(key)
+    if ids is None:
+        ids = _owner_cache[key] = (_id_by_name("u", user, uid), _id_by_name("g", group, gid))
+    return ids
 
 
 def _xxh3_fd(fd: int, size: int) -> str:
@@ -1369,6 +1580,7 @@ def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
     options = r.options
     _, records = r.reader.manifest_records()
     batch: list[_Pending] = []
+    smalls: list[_Small] = []
     batch_bytes = 0
     for record in records:
         r.coordinator.raise_if_failed()  # a fetch worker's fatal error stops the reading
@@ -1377,8 +1589,23 @@ def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
             continue
         if shard is not None and not shard.mine(kind, record):
             continue
-        entry = ManifestEntry.from_json(record, (kind, path))
         r.dirs.trim()
+        if kind == "f":
+            try:
+                small = r.short_path(record, path)
+            except UnsafePath as exc:
+                r.fail(path, str(exc))
+                continue
+            if small is not None:
+                smalls.append(small)
+                batch_bytes += small.length
+                if len(batch) + len(smalls) >= options.batch_files or (
+                    batch_bytes >= options.batch_bytes
+                ):
+                    r.submit(batch, smalls)
+                    batch, smalls, batch_bytes = [], [], 0
+                continue
+        entry = ManifestEntry.from_json(record, (kind, path))
         try:
             parts = check_entry(entry)
         except UnsafePath as exc:
@@ -1390,17 +1617,19 @@ def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
                 if p is not None:
                     batch.append(p)
                     batch_bytes += entry.size
-                if len(batch) >= options.batch_files or batch_bytes >= options.batch_bytes:
-                    r.submit(batch)
-                    batch, batch_bytes = [], 0
+                if len(batch) + len(smalls) >= options.batch_files or (
+                    batch_bytes >= options.batch_bytes
+                ):
+                    r.submit(batch, smalls)
+                    batch, smalls, batch_bytes = [], [], 0
             elif entry.kind == "h":
                 r.hardlinks.append((parts, entry))
             else:
                 r.place_simple(parts, entry)
         except UnsafePath as exc:
             r.fail(entry.path, str(exc))
-    if batch:
-        r.submit(batch)
+    if batch or smalls:
+        r.submit(batch, smalls)
     r.drain()
 
 

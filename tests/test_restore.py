@@ -410,6 +410,37 @@ def test_files_land_in_their_own_directories_while_the_descriptor_cache_turns_ov
         assert (prefix / f"d{d:04}" / "f").read_bytes() == b"%d " % d * (1 + d % 7)
 
 
+def test_plain_small_files_skip_the_general_path_and_come_back_exactly(
+    tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small file in one piece goes from its record to its name without being
+    # decoded into an entry; only what needs more (extended attributes, no
+    # data, several chunks, holes) goes the general way. Either way: exact.
+    owned = {b"caf\xe9-\xff.bin": (1234, 5678), b"mid.bin": (4321, 8765)}  # someone else's
+    if os.geteuid() == 0:
+        for name, (uid, gid) in owned.items():
+            os.chown(os.fsencode(tree) + b"/" + name, uid, gid)
+    general: list[bytes] = []
+    add_file = restore_module._Restore.add_file
+
+    def spy(self: restore_module._Restore, parts: list[bytes], entry: ManifestEntry) -> object:
+        general.append(parts[-1])
+        return add_file(self, parts, entry)
+
+    monkeypatch.setattr(restore_module._Restore, "add_file", spy)
+    backend, job = backup_tree(tmp_path, tree)
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert summary.failures == ()
+    assert snapshot(out / os.fsdecode(os.fsencode(tree).lstrip(b"/"))) == snapshot(tree)
+    # No data, or several chunks; and the extended attributes of small.txt (which is
+    # kept under one of its two names, the other a hard link to it).
+    needs_more = [b"empty", b"mid.bin", b"random.bin", b"sparse", b"text.log"]
+    with_xattrs = [n for n in general if n in (b"small.txt", b"hardlink")]
+    assert len(with_xattrs) == (1 if xattrs_supported(tree) else 0)
+    assert sorted(general) == sorted(needs_more + with_xattrs)
+
+
 def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:
     _, job = backup_tree(tmp_path, tree)
     rel = os.fsdecode(os.fsencode(tree / "dir" / "text.log").lstrip(b"/"))
