@@ -790,7 +790,7 @@ class _Restore:
         size, extents = get("s"), get("d")
         if type(size) is not int or not 0 < size < DIRECT_MIN_SIZE:
             return None
-        if type(extents) is not list or len(extents) != 1 or "x" in record:
+        if type(extents) is not list or len(extents) != 1 or not _SHORT_KEYS.issuperset(record):
             return None
         extent = extents[0]
         if type(extent) is not list or len(extent) != 5:
@@ -801,7 +801,7 @@ class _Restore:
         mode, mtime, uid, gid = get("m", 0), get("mt", 0), get("u", 0), get("g", 0)
         user, group, xx = get("un"), get("gn"), get("xx")
         if not (
-            _ints(file_offset, index, offset, mode, mtime, uid, gid)
+            _ints(file_offset, index, offset, length, mode, mtime, uid, gid)
             and _ints(get("ct", 0), get("ino", 0), get("dev", 0), get("rd", 0))
             and index >= 0
             and offset >= 0
@@ -841,7 +841,9 @@ class _Restore:
         view = memoryview(data)
         files = written = 0
         flags = os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC
+        check = self.coordinator.check
         for s in smalls:
+            check()  # (another worker's fatal error: nothing more is named)
             piece = view[s.chunk_offset : s.chunk_offset + s.length]
             if not self._unnamed or len(piece) != s.length or xxh3_128_hexdigest(piece) != s.xxh3:
                 written += self._long_path(s, piece)
@@ -1278,6 +1280,12 @@ def _written_whole(entry: ManifestEntry) -> bool:
     if not extents:
         return entry.size == 0
     return len(extents) == 1 and extents[0].file_offset == 0 and extents[0].length == entry.size
+
+
+_SHORT_KEYS = frozenset(("p", "pb", "t", "m", "u", "g", "un", "gn", "mt", "ct", "ino", "dev", "s",
+                         "rd", "d", "xx", "w"))  # fmt: skip
+"""The fields a record on the short path may have: no extended attributes (``x``), no link
+target (``l``, ``lb``), nothing ``ManifestEntry.from_json`` could still refuse."""
 
 
 def _ints(*values: Any) -> bool:

@@ -28,6 +28,8 @@ from .test_backup import (
     KiB,
     MiB,
     cached_share,
+    entries_of,
+    rel,
     run_cli,
     small_chunks,
     tree,
@@ -416,18 +418,30 @@ def test_plain_small_files_skip_the_general_path_and_come_back_exactly(
     # A small file in one piece goes from its record to its name without being
     # decoded into an entry; only what needs more (extended attributes, no
     # data, several chunks, holes) goes the general way. Either way: exact.
+    probe = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if not restore_module._can_name_unnamed_files(probe, b"probe"):
+            pytest.skip("no unnamed files here: every file takes the general path")
+    finally:
+        os.close(probe)
     owned = {b"caf\xe9-\xff.bin": (1234, 5678), b"mid.bin": (4321, 8765)}  # someone else's
     if os.geteuid() == 0:
         for name, (uid, gid) in owned.items():
             os.chown(os.fsencode(tree) + b"/" + name, uid, gid)
-    general: list[bytes] = []
-    add_file = restore_module._Restore.add_file
+    general: dict[str, list[bytes]] = {"add_file": [], "finish_file": [], "_long_path": []}
 
-    def spy(self: restore_module._Restore, parts: list[bytes], entry: ManifestEntry) -> object:
-        general.append(parts[-1])
-        return add_file(self, parts, entry)
+    def spy(method: str, name_of: object) -> None:
+        real = getattr(restore_module._Restore, method)
 
-    monkeypatch.setattr(restore_module._Restore, "add_file", spy)
+        def spied(self: restore_module._Restore, *args: object) -> object:
+            general[method].append(name_of(*args))  # type: ignore[operator]
+            return real(self, *args)
+
+        monkeypatch.setattr(restore_module._Restore, method, spied)
+
+    spy("add_file", lambda parts, entry: parts[-1])
+    spy("finish_file", lambda p: p.parts[-1])
+    spy("_long_path", lambda s, piece: s.parts[-1])
     backend, job = backup_tree(tmp_path, tree)
     out = tmp_path / "out"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
@@ -436,9 +450,33 @@ def test_plain_small_files_skip_the_general_path_and_come_back_exactly(
     # No data, or several chunks; and the extended attributes of small.txt (which is
     # kept under one of its two names, the other a hard link to it).
     needs_more = [b"empty", b"mid.bin", b"random.bin", b"sparse", b"text.log"]
-    with_xattrs = [n for n in general if n in (b"small.txt", b"hardlink")]
+    with_xattrs = [n for n in general["add_file"] if n in (b"small.txt", b"hardlink")]
     assert len(with_xattrs) == (1 if xattrs_supported(tree) else 0)
-    assert sorted(general) == sorted(needs_more + with_xattrs)
+    assert sorted(general["add_file"]) == sorted(needs_more + with_xattrs)
+    assert sorted(general["finish_file"]) == sorted(general["add_file"])  # none fell back
+    assert general["_long_path"] == []
+    regular = [p for p in tree.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert summary.files == len(regular) - 1  # (one of them is a hard link to another)
+    stored = entries_of(backend, job)
+    assert summary.bytes_written == sum(  # every byte of data once (a hole is none)
+        sum(x.length for x in stored[rel(p)].extents) for p in regular if rel(p) in stored
+    )
+
+
+def test_a_record_the_short_path_cannot_take_is_restored_the_general_way(
+    tmp_path: Path,
+) -> None:
+    # A length written as 12.0 is a number all the same: the general path reads it.
+    backend = LocalBackend(tmp_path / "repo")
+    data = b"twelve bytes"
+    odd = _file(b"odd", data)
+    odd.extents = [Extent(0, "data/x", 0, 0, float(len(data)))]  # type: ignore[arg-type]
+    job = crafted_job(backend, [odd, _file(b"plain", data)], data)
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert summary.failures == ()
+    assert (out / "odd").read_bytes() == data
+    assert (out / "plain").read_bytes() == data
 
 
 def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:
