@@ -674,8 +674,12 @@ class _Restore:
         entry: ManifestEntry,
         fd: int | None,
         unnamed: bool = False,
-    ) -> None:
-        """Metadata, then into place: ``temp`` renamed, or the ``unnamed`` file ``fd`` linked."""
+    ) -> bool:
+        """Metadata, then into place: ``temp`` renamed, or the ``unnamed`` file ``fd`` linked.
+
+        Returns whether it took its name (not when the policy kept what was there, or a
+        directory is in the way).
+        """
         is_link = entry.kind == "l"
         if self.options.owners:
             uid, gid = _owner_ids(entry)
@@ -708,12 +712,12 @@ class _Restore:
                 self._link_unnamed(fd, dir_fd, name)
                 with self._lock:
                     self.entries += 1
-                return
+                return True
             except FileExistsError:  # something took the name since it was looked at
                 if self.options.overwrite == "never":
                     with self._lock:
                         self.skipped += 1
-                    return
+                    return False
                 self._naming_temporary_in(entry.path)
                 self._link_unnamed(fd, dir_fd, temp)  # replaced as a temporary would
             except OSError:  # naming it refused here (a sandbox's /proc): a named copy instead
@@ -725,9 +729,10 @@ class _Restore:
         except IsADirectoryError:
             os.unlink(temp, dir_fd=dir_fd)
             self.fail(entry.path, "a directory is in the way; not replaced")
-            return
+            return False
         with self._lock:
             self.entries += 1
+        return True
 
     def _link_unnamed(self, fd: int, dir_fd: int, name: bytes) -> None:
         """Give the unnamed file ``fd`` the name ``name`` in ``dir_fd``."""
@@ -1023,9 +1028,9 @@ class _Restore:
                 if p.fd >= 0 and not p.unnamed:
                     os.unlink(p.temp, dir_fd=p.dir_fd)
                 return
-            self._finish(p.dir_fd, p.temp, p.parts[-1], p.entry, p.fd, p.unnamed)
-            with self._lock:
-                self.files += 1
+            if self._finish(p.dir_fd, p.temp, p.parts[-1], p.entry, p.fd, p.unnamed):
+                with self._lock:
+                    self.files += 1
         except BaseException:
             if p.fd >= 0:  # (the temporary name, if an unnamed file got one to replace a file)
                 with contextlib.suppress(OSError):

@@ -530,6 +530,7 @@ def test_a_directory_in_the_way_is_named_and_kept(tmp_path: Path) -> None:
     ]
     assert (restored / "f" / "mine").read_text() == "local"
     assert (restored / "g").read_text() == "beside it"
+    assert summary.files == 1  # g; f is not counted as restored
     assert not [p for p in restored.iterdir() if p.name.startswith(".cryo-restore-")]
 
 
@@ -645,6 +646,7 @@ def test_never_keeps_a_file_that_appears_while_the_restore_runs(
     monkeypatch.setattr(restore_module, "_link_by_descriptor", by_descriptor)
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out), overwrite="never"))
     assert summary.failures == () and summary.skipped == 1
+    assert summary.files == 0  # the one file was kept as found, not restored
     assert (restored / "f").read_text() == "someone else's"
     assert list(out.rglob(".cryo-*")) == []
 
