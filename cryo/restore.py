@@ -1603,47 +1603,45 @@ def _restore_entries(r: _Restore, shard: _Shard | None) -> None:
         if shard is not None and not shard.mine(kind, record):
             continue
         r.dirs.trim()
-        if kind == "f":
-            try:
-                small = r.short_path(record, path)
-            except UnsafePath as exc:
-                r.fail(path, str(exc))
-                continue
+        try:
+            small = r.short_path(record, path) if kind == "f" else None
             if small is not None:
                 smalls.append(small)
                 batch_bytes += small.length
-                if len(batch) + len(smalls) >= options.batch_files or (
-                    batch_bytes >= options.batch_bytes
-                ):
-                    r.submit(batch, smalls)
-                    batch, smalls, batch_bytes = [], [], 0
-                continue
-        entry = ManifestEntry.from_json(record, (kind, path))
-        try:
-            parts = check_entry(entry)
-        except UnsafePath as exc:
-            r.fail(entry.path, str(exc))
-            continue
-        try:
-            if entry.kind == "f":
-                p = r.add_file(parts, entry)
-                if p is not None:
-                    batch.append(p)
-                    batch_bytes += entry.size
-                if len(batch) + len(smalls) >= options.batch_files or (
-                    batch_bytes >= options.batch_bytes
-                ):
-                    r.submit(batch, smalls)
-                    batch, smalls, batch_bytes = [], [], 0
-            elif entry.kind == "h":
-                r.hardlinks.append((parts, entry))
             else:
-                r.place_simple(parts, entry)
+                batch_bytes += _place(r, record, kind, path, batch)
         except UnsafePath as exc:
-            r.fail(entry.path, str(exc))
+            r.fail(path, str(exc))
+            continue
+        if len(batch) + len(smalls) >= options.batch_files or batch_bytes >= options.batch_bytes:
+            r.submit(batch, smalls)
+            batch, smalls, batch_bytes = [], [], 0
     if batch or smalls:
         r.submit(batch, smalls)
     r.drain()
+
+
+def _place(
+    r: _Restore, record: dict[str, Any], kind: str, path: bytes, batch: list[_Pending]
+) -> int:
+    """The general path for one record: decoded, checked, then placed, or gathered into
+    ``batch`` (a file to fetch); returns the bytes it adds to the batch.
+
+    Raises UnsafePath for an entry that is refused.
+    """
+    entry = ManifestEntry.from_json(record, (kind, path))
+    parts = check_entry(entry)
+    if kind == "f":
+        p = r.add_file(parts, entry)
+        if p is None:
+            return 0
+        batch.append(p)
+        return entry.size
+    if kind == "h":
+        r.hardlinks.append((parts, entry))
+    else:
+        r.place_simple(parts, entry)
+    return 0
 
 
 def _process_count(options: RestoreOptions, job_files: int | None) -> int:
