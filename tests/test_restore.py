@@ -300,8 +300,12 @@ def test_verify_read_data_passes_on_a_clean_job(tmp_path: Path, tree: Path) -> N
     r = run_cli("verify", job, "--repo", str(tmp_path / "repo"), "--read-data")
     assert r.returncode == 0, r.stderr
     assert b"all data read and verified" in r.stdout
+    r = run_cli("verify", job, "--repo", str(tmp_path / "repo"), "--read-data", "--quiet")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"", b"")  # a cron job's silence
     r = run_cli("verify", "no-such-job", "--repo", str(tmp_path / "repo"))
     assert r.returncode == 11
+    r = run_cli("verify", "no-such-job", "--repo", str(tmp_path / "repo"), "-q")
+    assert r.returncode == 11 and r.stderr.startswith(b"cryo: ")  # errors still said
 
 
 def _file(path: bytes, data: bytes) -> ManifestEntry:

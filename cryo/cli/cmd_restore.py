@@ -161,6 +161,9 @@ def verify(
         bool, typer.Option("--read-data", help="Download and verify every chunk.")
     ] = False,
     connections: Annotated[int, typer.Option(help="Chunks fetched in parallel.", min=1)] = 8,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only errors (the exit status tells).")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON lines: each bad file, then a summary.")
     ] = False,
@@ -211,6 +214,6 @@ def verify(
         typer.echo(json.dumps(summary, sort_keys=True))
     if problems:
         raise typer.Exit(FATAL)
-    if not as_json:
+    if not as_json and not quiet:
         checked = "all data read and verified" if read_data else "structure verified"
         typer.echo(f"job {job}: {entries} entries, {checked}")
