@@ -31,12 +31,14 @@ files or ``batch_bytes`` of data). For each batch:
    on) its last piece. A corrupt or partial file never sits under a real
    name, and a file is never read back.
 
-The short path: most files of a tree are small, one piece of one packed
-chunk, in a directory the restore made. Their records are checked where they
-are read, without being decoded into entries, and the worker holding their
-chunk does all of a file at once (check its xxh3-128, create it unnamed,
-write, owner, mode, times, name), with no state shared per file (``_Small``).
-Anything unusual on the way hands the file to the general path above.
+The short path: most files of a tree are small (under ``DIRECT_MIN_SIZE``,
+not empty), one piece of one chunk, without extended attributes, in a
+directory the restore made, on a file system that creates unnamed files.
+Their records are checked where they are read, without being decoded into
+entries, and the worker holding their chunk does all of a file at once
+(check its xxh3-128, create it unnamed, write, owner, mode, times, name),
+with no state shared per file (``_Small``). Anything unusual on the way
+hands the file to the general path above.
 
 Directories are created as they come (owner-only at first) and get their
 final mode, owner and times last, deepest first, so restoring files into them
@@ -541,6 +543,7 @@ class _Restore:
         """Whether small files are created without a name (until the file system refuses)."""
         self._by_descriptor = True
         """Whether unnamed files are named by descriptor (until the system refuses)."""
+        self.owners = _Owners()
         self.helpers: dict[int, _Counts] = {}
         """What each helper process has done so far (see ``_Counts``)."""
         self.shared = False
@@ -631,7 +634,8 @@ class _Restore:
             st = self._existing(dir_fd, name)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 if (self.options.overwrite or "never") != "always":
-                    self.skipped += 1
+                    with self._lock:  # (workers count too)
+                        self.skipped += 1
                     return
                 os.unlink(name, dir_fd=dir_fd)
                 st = None
@@ -646,7 +650,8 @@ class _Restore:
             return
         # In a directory this restore made, nothing is in the way (as for files).
         if not self.dirs.is_fresh(parts[:-1]) and self._keep_existing(dir_fd, name, entry):
-            self.skipped += 1
+            with self._lock:
+                self.skipped += 1
             return
         temp = self._temp_name()
         if entry.kind == "l":
@@ -682,7 +687,7 @@ class _Restore:
         """
         is_link = entry.kind == "l"
         if self.options.owners:
-            uid, gid = _owner_ids(entry)
+            uid, gid = self.owners.of_entry(entry)
             with contextlib.suppress(OSError):
                 if fd is not None:
                     os.fchown(fd, uid, gid)
@@ -829,7 +834,7 @@ class _Restore:
         dir_fd = self.dirs.open(parts[:-1], create=True)
         if not self.dirs.is_fresh(parts[:-1]):
             return None  # something may be in the way: the overwrite policy decides
-        owner = _owner_of(user, uid, group, gid) if self.options.owners else None
+        owner = self.owners.of(user, uid, group, gid) if self.options.owners else None
         self.dirs.pin(dir_fd)  # until its chunk is written (``fetch``)
         return _Small((name, index), offset, length, xx, mode, mtime, owner, dir_fd, parts, record)
 
@@ -1209,7 +1214,8 @@ class _Restore:
             return
         dir_fd = self.dirs.open(parts[:-1], create=True)
         if self._keep_existing(dir_fd, parts[-1], entry):
-            self.skipped += 1
+            with self._lock:
+                self.skipped += 1
             return
         temp = self._temp_name()
         try:
@@ -1239,7 +1245,7 @@ class _Restore:
         for parts, entry in sorted(self.dirs_meta, key=lambda d: len(d[0]), reverse=True):
             fd = self.dirs.open(parts, create=True)
             if self.options.owners:
-                uid, gid = _owner_ids(entry)
+                uid, gid = self.owners.of_entry(entry)
                 with contextlib.suppress(OSError):
                     os.fchown(fd, uid, gid)
             for k, v in entry.xattrs.items():  # before the mode, as for files
@@ -1391,39 +1397,36 @@ def _fd_path(fd: int) -> bytes:
     return b"/proc/self/fd/%d" % fd
 
 
-_id_cache: dict[tuple[str, str], int | None] = {}
-_owner_cache: dict[tuple[str | None, int, str | None, int], tuple[int, int]] = {}
+class _Owners:
+    """Local ids for an entry's owner: by name where this system knows the name (a
+    user or group that is not a string, or holds a NUL byte, is no name here), else
+    the numeric ids. Each distinct owner is looked up once per restore."""
+
+    def __init__(self) -> None:
+        self._ids: dict[tuple[str | None, int, str | None, int], tuple[int, int]] = {}
+
+    def of(self, user: str | None, uid: int, group: str | None, gid: int) -> tuple[int, int]:
+        key = (user, uid, group, gid)
+        ids = self._ids.get(key)
+        if ids is None:
+            ids = self._ids[key] = (_id_by_name("u", user, uid), _id_by_name("g", group, gid))
+        return ids
+
+    def of_entry(self, entry: ManifestEntry) -> tuple[int, int]:
+        return self.of(entry.user, entry.uid, entry.group, entry.gid)
 
 
-def _id_by_name(kind: str, name: str | None, fallback: int) -> int:
+def _id_by_name(kind: str, name: object, fallback: int) -> int:
     """The local id of a user (``kind`` "u") or group ("g") name; ``fallback`` if unknown."""
     import grp
     import pwd
 
-    if not name:
+    if not isinstance(name, str) or not name or "\x00" in name:
         return fallback
-    key = (kind, name)
-    if key not in _id_cache:
-        try:
-            _id_cache[key] = pwd.getpwnam(name).pw_uid if kind == "u" else grp.getgrnam(name).gr_gid
-        except KeyError:
-            _id_cache[key] = None
-    found = _id_cache[key]
-    return fallback if found is None else found
-
-
-def _owner_ids(entry: ManifestEntry) -> tuple[int, int]:
-    """uid and gid by name where this system knows the name, else the numeric ids."""
-    return _owner_of(entry.user, entry.uid, entry.group, entry.gid)
-
-
-def _owner_of(user: str | None, uid: int, group: str | None, gid: int) -> tuple[int, int]:
-    """``_owner_ids`` of an entry's fields (looked up once per distinct owner)."""
-    key = (user, uid, group, gid)
-    ids = _owner_cache.get(key)
-    if ids is None:
-        ids = _owner_cache[key] = (_id_by_name("u", user, uid), _id_by_name("g", group, gid))
-    return ids
+    try:
+        return pwd.getpwnam(name).pw_uid if kind == "u" else grp.getgrnam(name).gr_gid
+    except (KeyError, ValueError, UnicodeError):
+        return fallback
 
 
 def _xxh3_fd(fd: int, size: int) -> str:

@@ -478,9 +478,32 @@ def test_a_record_the_short_path_cannot_take_is_restored_the_general_way(
     job = crafted_job(backend, [odd, _file(b"plain", data)], data)
     out = tmp_path / "out"
     summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
-    assert summary.failures == ()
+    assert summary.failures == () and summary.files == 2
     assert (out / "odd").read_bytes() == data
     assert (out / "plain").read_bytes() == data
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners are restored by root only")
+def test_an_owner_name_no_system_can_hold_falls_back_to_the_numeric_ids(tmp_path: Path) -> None:
+    # A name with a NUL byte (or one that is not a string) names no user here: the
+    # file is restored with the recorded ids, and the rest of the job with it.
+    backend = LocalBackend(tmp_path / "repo")
+    data = b"owned by an odd name"
+    files = []
+    for name, user, group in ((b"nul", "ro\x00ot", "ro\x00ot"), (b"number", 7, None)):
+        f = _file(name, data)
+        f.uid, f.gid, f.user, f.group = 1234, 5678, user, group  # type: ignore[assignment]
+        files.append(f)
+    big = _file(b"general", data)  # the same owner, on the general path (an xattr)
+    big.uid, big.gid, big.user, big.xattrs = 1234, 5678, "ro\x00ot", {b"user.k": b"v"}
+    job = crafted_job(backend, [*files, big], data)
+    out = tmp_path / "out"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
+    assert summary.failures == () and summary.files == 3
+    for name in ("nul", "number", "general"):
+        st = (out / name).stat()
+        assert (st.st_uid, st.st_gid) == (1234, 5678), name
+        assert (out / name).read_bytes() == data
 
 
 def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:

@@ -162,7 +162,10 @@ def verify(
     ] = False,
     connections: Annotated[int, typer.Option(help="Chunks fetched in parallel.", min=1)] = 8,
     quiet: Annotated[
-        bool, typer.Option("--quiet", "-q", help="Print only errors (the exit status tells).")
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="Print only errors (the exit status tells); --json still prints."
+        ),
     ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="JSON lines: each bad file, then a summary.")
