@@ -111,6 +111,9 @@ class TargetNotEmpty(CryoError):
     """The target directory has content and no overwrite policy was given."""
 
 
+_NO_HARD_LINKS = frozenset((errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS))
+"""What ``link`` fails with on a file system that has no hard links (vfat, some FUSE ones)."""
+
 _TARGET_FULL = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS))
 """Errors that only the target file system gives: it cannot take any more of the restore."""
 
@@ -730,13 +733,39 @@ class _Restore:
                 self._naming_temporary_in(entry.path)
                 self._name_copy(fd, dir_fd, temp)
         try:
-            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            if not self._place_temporary(dir_fd, temp, name):
+                return False
         except IsADirectoryError:
             os.unlink(temp, dir_fd=dir_fd)
             self.fail(entry.path, "a directory is in the way; not replaced")
             return False
         with self._lock:
             self.entries += 1
+        return True
+
+    def _place_temporary(self, dir_fd: int, temp: bytes, name: bytes) -> bool:
+        """Give the temporary ``temp`` its final ``name``; False when ``never`` keeps what
+        took the name since it was looked at (``temp`` is then removed, and counted as
+        skipped).
+
+        Under ``never`` the name is taken with a hard link, which fails where the name
+        exists, as a rename would not; a file system without hard links gets the rename.
+        """
+        if self.options.overwrite == "never":
+            try:
+                os.link(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except FileExistsError:
+                os.unlink(temp, dir_fd=dir_fd)
+                with self._lock:
+                    self.skipped += 1
+                return False
+            except OSError as exc:
+                if exc.errno not in _NO_HARD_LINKS:
+                    raise
+            else:
+                os.unlink(temp, dir_fd=dir_fd)
+                return True
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
         return True
 
     def _link_unnamed(self, fd: int, dir_fd: int, name: bytes) -> None:
@@ -1230,7 +1259,8 @@ class _Restore:
             self.fail(entry.path, f"not restored: cannot link to its target: {exc.strerror}")
             return
         try:
-            os.rename(temp, parts[-1], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            if not self._place_temporary(dir_fd, temp, parts[-1]):
+                return
         except IsADirectoryError:
             os.unlink(temp, dir_fd=dir_fd)
             self.fail(entry.path, "a directory is in the way; not replaced")

@@ -519,11 +519,12 @@ def test_restore_single_file_to_stdout(tmp_path: Path, tree: Path) -> None:
     assert r.returncode == 2 and b"no such file" in r.stderr
 
 
-def one_file_job(tmp_path: Path) -> tuple[Path, LocalBackend, str]:
-    """A job of one directory holding one file ``f``: (source, backend, job)."""
+def one_file_job(tmp_path: Path, size: int = 0) -> tuple[Path, LocalBackend, str]:
+    """A job of one directory holding one file ``f`` (of ``size`` bytes, or a line):
+    (source, backend, job)."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "f").write_text("from the backup")
+    (src / "f").write_bytes(os.urandom(size) if size else b"from the backup")
     backend = LocalBackend(tmp_path / "repo")
     return src, backend, run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
 
@@ -645,11 +646,14 @@ def test_an_unnamed_file_is_named_by_its_descriptor_and_never_over_another(
         os.close(dir_fd)
 
 
-@pytest.mark.parametrize("named_by", ["descriptor", "proc"])
+@pytest.mark.parametrize("named_by", ["descriptor", "proc", "temporary"])
 def test_never_keeps_a_file_that_appears_while_the_restore_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, named_by: str
 ) -> None:
-    src, backend, job = one_file_job(tmp_path)
+    # A small file is created unnamed and named by descriptor (or by its /proc
+    # path); a large one is written under a temporary name: each way, a file that
+    # takes its name meanwhile is kept.
+    src, backend, job = one_file_job(tmp_path, 2 * MiB if named_by == "temporary" else 0)
     out = tmp_path / "out"
     restored = out / os.fsdecode(os.fsencode(src).lstrip(b"/"))
     restored.mkdir(parents=True)
