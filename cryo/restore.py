@@ -893,12 +893,7 @@ class _Restore:
                 written += self._long_path(s, piece)  # (which says why, or copes)
                 continue
             try:
-                pos = 0
-                while pos < s.length:
-                    n = os.pwrite(fd, piece[pos:], pos)
-                    if n == 0:
-                        raise OSError(errno.EIO, "the file system wrote nothing")
-                    pos += n
+                _pwrite_all(fd, piece, 0)
                 if s.owner is not None:
                     with contextlib.suppress(OSError):
                         os.fchown(fd, *s.owner)
@@ -907,12 +902,8 @@ class _Restore:
                 try:
                     self._link_unnamed(fd, s.dir_fd, s.parts[-1])
                 except OSError:  # the name is taken, or naming refused: the general way
-                    p = _Pending(
-                        self._entry_of(s), s.parts, s.dir_fd, self._temp_name(), remaining=0,
-                        fd=fd, digest=s.xxh3, unnamed=True,
-                    )  # fmt: skip
+                    p = self._pending_of(s, remaining=0, fd=fd, digest=s.xxh3, unnamed=True)
                     fd = -1  # (the pending file's now)
-                    self.dirs.pin(s.dir_fd)  # (its own pin: ``_release`` takes it)
                     self.finish_file(p)
                     written += s.length
                     continue
@@ -926,14 +917,17 @@ class _Restore:
             self.entries += files
             self.bytes_written += written
 
-    def _entry_of(self, s: _Small) -> ManifestEntry:
-        return ManifestEntry.from_json(s.record, ("f", b"/".join(s.parts)))
+    def _pending_of(self, s: _Small, **fields: Any) -> _Pending:
+        """``s`` as a file of the general path: its record decoded, its directory pinned
+        once more (``_release`` gives that back)."""
+        entry = ManifestEntry.from_json(s.record, ("f", b"/".join(s.parts)))
+        p = _Pending(entry, s.parts, s.dir_fd, self._temp_name(), **fields)
+        self.dirs.pin(s.dir_fd)
+        return p
 
     def _long_path(self, s: _Small, piece: memoryview) -> int:
         """``s`` the general way, from its ``piece`` of the chunk; returns the bytes written."""
-        entry = self._entry_of(s)
-        p = _Pending(entry, s.parts, s.dir_fd, self._temp_name(), remaining=1)
-        self.dirs.pin(s.dir_fd)  # (its own pin: ``_release`` takes it)
+        p = self._pending_of(s, remaining=1)
         written = 0
         if len(piece) != s.length:
             with p.lock:
@@ -1172,11 +1166,7 @@ class _Restore:
                         raise
                     self._direct = False
             piece, offset = piece[done:], offset + done
-        while piece:
-            n = os.pwrite(p.fd, piece, offset)
-            if n == 0:
-                raise OSError(errno.EIO, "the file system wrote nothing")
-            piece, offset = piece[n:], offset + n
+        _pwrite_all(p.fd, piece, offset)
 
     def submit(self, batch: list[_Pending], smalls: list[_Small] | None = None) -> None:
         """Queue the fetches of ``batch``'s and ``smalls``' chunks, each chunk once for all
@@ -1327,6 +1317,15 @@ _SHORT_KEYS = frozenset(("p", "pb", "t", "m", "u", "g", "un", "gn", "mt", "ct", 
                          "rd", "d", "xx", "w"))  # fmt: skip
 """The fields a record on the short path may have: no extended attributes (``x``), no link
 target (``l``, ``lb``), nothing ``ManifestEntry.from_json`` could still refuse."""
+
+
+def _pwrite_all(fd: int, piece: memoryview, offset: int) -> None:
+    """Write all of ``piece`` at ``offset`` (a short write is continued)."""
+    while piece:
+        n = os.pwrite(fd, piece, offset)
+        if n == 0:
+            raise OSError(errno.EIO, "the file system wrote nothing")
+        piece, offset = piece[n:], offset + n
 
 
 def _ints(*values: Any) -> bool:
