@@ -118,6 +118,24 @@ def test_exit_codes_name_their_cause(tmp_path: Path) -> None:
     no_ansi(usage, not_found, fatal)
 
 
+@pytest.mark.parametrize("url", ["not a url", "ftp://127.0.0.1/", "http://[::1", "http://h:x"])
+def test_an_endpoint_that_is_not_an_http_url_is_a_usage_error(tmp_path: Path, url: str) -> None:
+    (tmp_path / "f").write_text("x")
+    keys = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "secret-of-the-test"}
+    r = cryo("backup", str(tmp_path / "f"), "--endpoint-url", url, env=keys)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.decode() == f"cryo: endpoint URL {url!r} is not an http:// or https:// URL\n"
+
+
+def test_an_aws_profile_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "f").write_text("x")
+    env = {"AWS_PROFILE": "no-such-profile", "HOME": str(tmp_path)}
+    r = cryo("jobs", "--endpoint-url", "http://127.0.0.1:9", env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.decode().startswith("cryo: no AWS profile 'no-such-profile' in ~/.aws/")
+    assert len(r.stderr.splitlines()) == 1
+
+
 def _terminate_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> None:
     """Send SIGTERM as soon as ``ready()``, while the command is surely still running.
 

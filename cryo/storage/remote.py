@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from cryo.errors import (
     MODELED,
@@ -31,6 +31,7 @@ from cryo.errors import (
     ServiceInternalException,
     StorageError,
 )
+from cryo.exitcodes import UsageError
 from cryo.model import SERVICE_NAME, SIGNING_NAME, boto3_session
 from cryo.storage import wire
 from cryo.storage.api import (
@@ -93,6 +94,14 @@ def _translate(exc: BaseException) -> CryoError:
     raise exc
 
 
+def _is_http_url(url: str) -> bool:
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
+    except ValueError:  # (an unclosed IPv6 bracket, a port that is not a number)
+        return False
+
+
 @contextmanager
 def _translated() -> Iterator[None]:
     from botocore import exceptions as bx
@@ -120,16 +129,29 @@ class RemoteBackend:
         read_timeout: float = 120.0,
         session: Any = None,
     ) -> None:
-        """``session``: a boto3 session to share (its credentials win over the others)."""
+        """``session``: a boto3 session to share (its credentials win over the others).
+
+        Raises UsageError for an endpoint that is not an http(s) URL, or a
+        profile that does not exist.
+        """
+        from botocore import exceptions as bx
         from botocore.config import Config
 
+        if not _is_http_url(endpoint_url):
+            raise UsageError(f"endpoint URL {endpoint_url!r} is not an http:// or https:// URL")
         self.endpoint_url = endpoint_url.rstrip("/")
-        session = session or boto3_session(
-            profile_name=profile,
-            aws_access_key_id=aws_access_key_id,
-            aws_secret_access_key=aws_secret_access_key,
-            aws_session_token=aws_session_token,
-        )
+        try:
+            session = session or boto3_session(
+                profile_name=profile,
+                aws_access_key_id=aws_access_key_id,
+                aws_secret_access_key=aws_secret_access_key,
+                aws_session_token=aws_session_token,
+            )
+        except bx.ProfileNotFound as exc:
+            raise UsageError(
+                f"no AWS profile {exc.kwargs.get('profile')!r} in ~/.aws/config or "
+                "~/.aws/credentials"
+            ) from None
         self.region = region or session.region_name or DEFAULT_REGION
         self._session = session
         config = Config(
