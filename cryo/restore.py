@@ -255,6 +255,32 @@ def _is_parent_of_included(path: bytes, includes: tuple[bytes, ...]) -> bool:
     return any(p.strip(b"/").startswith(prefix) for p in includes)
 
 
+class _Creation:
+    """What a file created in one directory gets without being asked: its owner, and
+    which modes come out as they were asked for.
+
+    Seen, not predicted (the umask, a default ACL, a set-group-ID directory or
+    a mount option decide, in ways no check of them all foresees): the first
+    small file of each mode created there is looked at (``fstat``), and later
+    ones skip the ``fchown`` and ``fchmod`` that would change nothing. Nothing
+    the restore does changes it meanwhile: a directory gets its own owner,
+    mode and extended attributes (a default ACL among them) only at the end.
+    """
+
+    __slots__ = ("modes", "owner")
+
+    def __init__(self) -> None:
+        self.owner: tuple[int, int] | None = None
+        self.modes: dict[int, bool] = {}
+        """By mode asked for (without special bits): whether it came out as asked."""
+
+    def see(self, st: os.stat_result, mode: int) -> bool:
+        """Record what a new file asked to have ``mode`` got; whether that is ``mode``."""
+        self.owner = (st.st_uid, st.st_gid)
+        exact = self.modes[mode] = stat.S_IMODE(st.st_mode) == mode
+        return exact
+
+
 class _Dirs:
     """Directory descriptors under the target, opened without following any symlink."""
 
@@ -270,6 +296,12 @@ class _Dirs:
         """Descriptors in use by files in flight: never closed by ``trim``."""
         self._trim_at = 0
         """The cache size at which ``trim`` next looks (past what was pinned last time)."""
+        self._creations: dict[int, _Creation] = {root_fd: _Creation()}
+        """By open descriptor: what a new file there gets (dropped when it is closed)."""
+
+    def creation(self, fd: int) -> _Creation:
+        """What a new file in directory ``fd`` (one this cache holds open) gets unasked."""
+        return self._creations[fd]
 
     def is_fresh(self, parts: list[bytes]) -> bool:
         return self.all_fresh or b"/".join(parts) in self.fresh
@@ -331,6 +363,7 @@ class _Dirs:
                 return existing
             if opened:
                 self._cache[key] = fd
+                self._creations[fd] = _Creation()
         return fd
 
     def cached(self) -> list[int]:
@@ -364,7 +397,9 @@ class _Dirs:
                 if len(self._cache) <= keep:
                     break
                 if self._cache[key] not in self._pins:
-                    os.close(self._cache.pop(key))
+                    fd = self._cache.pop(key)
+                    del self._creations[fd]
+                    os.close(fd)
             self._trim_at = len(self._cache) + keep  # what is pinned now: not rescanned each call
 
     def close(self) -> None:
@@ -372,6 +407,7 @@ class _Dirs:
             for fd in self._cache.values():
                 os.close(fd)
             self._cache.clear()
+            self._creations.clear()
 
 
 @dataclass(slots=True, eq=False)
@@ -431,6 +467,8 @@ class _Small(NamedTuple):
     owner: tuple[int, int] | None
     """The ids to give it (by name where this system knows the name); None: leave them."""
     dir_fd: int
+    creation: _Creation
+    """What a new file in its directory gets unasked."""
     parts: list[bytes]
     record: dict[str, Any]
 
@@ -865,7 +903,10 @@ class _Restore:
             return None  # something may be in the way: the overwrite policy decides
         owner = self.owners.of(user, uid, group, gid) if self.options.owners else None
         self.dirs.pin(dir_fd)  # until its chunk is written (``fetch``)
-        return _Small((name, index), offset, length, xx, mode, mtime, owner, dir_fd, parts, record)
+        return _Small(
+            (name, index), offset, length, xx, mode, mtime, owner,
+            dir_fd, self.dirs.creation(dir_fd), parts, record,
+        )  # fmt: skip
 
     def write_small(self, data: bytes | memoryview, smalls: list[_Small]) -> None:
         """Write the files of ``smalls`` from ``data``, the chunk that holds them.
@@ -887,17 +928,24 @@ class _Restore:
             if not self._unnamed or len(piece) != s.length or xxh3_128_hexdigest(piece) != s.xxh3:
                 written += self._long_path(s, piece)
                 continue
+            created = s.creation
+            # Created with its mode where that comes out as asked (a special bit never:
+            # a write may clear it); looked at the first time a mode is asked for here.
+            exact = created.modes.get(s.mode) if s.mode <= 0o777 else False
             try:
-                fd = os.open(b".", flags, 0o600, dir_fd=s.dir_fd)
+                fd = os.open(b".", flags, 0o600 if exact is False else s.mode, dir_fd=s.dir_fd)
             except OSError:
                 written += self._long_path(s, piece)  # (which says why, or copes)
                 continue
             try:
                 _pwrite_all(fd, piece, 0)
-                if s.owner is not None:
+                if exact is None:
+                    exact = created.see(os.fstat(fd), s.mode)
+                if s.owner is not None and s.owner != created.owner:
                     with contextlib.suppress(OSError):
                         os.fchown(fd, *s.owner)
-                os.fchmod(fd, s.mode)
+                if not exact:
+                    os.fchmod(fd, s.mode)
                 os.utime(fd, ns=(s.mtime_ns, s.mtime_ns))
                 try:
                     self._link_unnamed(fd, s.dir_fd, s.parts[-1])

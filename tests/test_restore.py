@@ -93,31 +93,34 @@ def test_full_round_trip_is_exact(tmp_path: Path, tree: Path) -> None:
     assert leftovers == []
 
 
+@pytest.mark.parametrize(("umask", "setgid_target"), [(0o077, True), (0o022, False)])
 def test_modes_and_owners_come_back_exactly_whatever_the_umask_and_target(
-    tmp_path: Path,
+    tmp_path: Path, umask: int, setgid_target: bool
 ) -> None:
-    # Plain modes are given when a file is created, others by chmod; a file
-    # already owned right is not chowned. Every combination must still come back.
+    # A small file is created with its mode, and not chowned, where the first file
+    # of that mode created beside it came out so; the others are chmodded and
+    # chowned. Every combination must still come back.
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     modes = {"plain": 0o644, "private": 0o600, "none": 0o000, "readonly": 0o444,
              "all": 0o777, "group-write": 0o664, "setuid": 0o4755, "setgid": 0o2750,
-             "sticky": 0o1644}  # fmt: skip
+             "sticky": 0o1644, "plain-2": 0o644, "group-write-2": 0o664, "private-2": 0o600,
+             "plain-3": 0o644}  # fmt: skip
     root = os.geteuid() == 0
     for name, mode in modes.items():
         f = src / "d" / name
         f.write_bytes(name.encode() * 100)
-        if root and name in ("private", "setuid"):
+        if root and name in ("private", "setuid", "plain-3"):
             os.chown(f, 1234, 5678)  # someone else's
         os.chmod(f, mode)
     backend = LocalBackend(tmp_path / "repo")
     job = run_backup(backend, BackupOptions(paths=(os.fsencode(src),))).job_id
     out = tmp_path / "out"
     out.mkdir()
-    if root:
+    if root and setgid_target:
         os.chown(out, -1, 4321)
         os.chmod(out, 0o2750)  # noqa: S103 - a setgid target: new files take its group
-    old_umask = os.umask(0o077)  # strips group and other bits from what is created
+    old_umask = os.umask(umask)  # strips bits from what is created
     try:
         summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(out)))
     finally:
