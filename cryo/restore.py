@@ -876,17 +876,19 @@ class _Restore:
         if file_offset != 0 or length != size or type(name) is not str:
             return None
         mode, mtime, uid, gid = get("m", 0), get("mt", 0), get("u", 0), get("g", 0)
-        user, group, xx = get("un"), get("gn"), get("xx")
+        user, group, xx, rdev = get("un"), get("gn"), get("xx"), get("rd", 0)
+        types = {type(file_offset), type(index), type(offset), type(length), type(mode)}
+        types.update((type(mtime), type(uid), type(gid), type(rdev)))
+        types.update((type(get("ct", 0)), type(get("ino", 0)), type(get("dev", 0))))
         if not (
-            _ints(file_offset, index, offset, length, mode, mtime, uid, gid)
-            and _ints(get("ct", 0), get("ino", 0), get("dev", 0), get("rd", 0))
+            types == _INT_ONLY  # (not a bool, not a float)
             and index >= 0
             and offset >= 0
             and 0 <= mode <= 0o7777
             and 0 <= uid <= _MAX_ID
             and 0 <= gid <= _MAX_ID
             and -_MAX_OFFSET <= mtime <= _MAX_OFFSET
-            and get("rd", 0) == 0
+            and rdev == 0
             and type(xx) is str
             and (user is None or type(user) is str)
             and (group is None or type(group) is str)
@@ -898,8 +900,9 @@ class _Restore:
             return None
         if max(map(len, parts)) > _NAME_MAX:
             return None
-        dir_fd = self.dirs.open(parts[:-1], create=True)
-        if not self.dirs.is_fresh(parts[:-1]):
+        dir_parts = parts[:-1]
+        dir_fd = self.dirs.open(dir_parts, create=True)
+        if not self.dirs.is_fresh(dir_parts):
             return None  # something may be in the way: the overwrite policy decides
         owner = self.owners.of(user, uid, group, gid) if self.options.owners else None
         self.dirs.pin(dir_fd)  # until its chunk is written (``fetch``)
@@ -1361,6 +1364,9 @@ def _written_whole(entry: ManifestEntry) -> bool:
     return len(extents) == 1 and extents[0].file_offset == 0 and extents[0].length == entry.size
 
 
+_INT_ONLY = {int}
+"""The types of a record's integer fields, all of them (a bool or a float is not one)."""
+
 _SHORT_KEYS = frozenset(("p", "pb", "t", "m", "u", "g", "un", "gn", "mt", "ct", "ino", "dev", "s",
                          "rd", "d", "xx", "w"))  # fmt: skip
 """The fields a record on the short path may have: no extended attributes (``x``), no link
@@ -1374,11 +1380,6 @@ def _pwrite_all(fd: int, piece: memoryview, offset: int) -> None:
         if n == 0:
             raise OSError(errno.EIO, "the file system wrote nothing")
         piece, offset = piece[n:], offset + n
-
-
-def _ints(*values: Any) -> bool:
-    """Whether every one of ``values`` is an int (not a bool, not a float)."""
-    return all(type(v) is int for v in values)
 
 
 def _remove_prefixed(dir_fd: int, prefix: str) -> None:
