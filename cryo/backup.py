@@ -245,8 +245,8 @@ class _Packer:
         self._run = run
         self._lock = threading.Lock()
         opts = run.options
-        self.frames = _Frames(opts.chunk_size + opts.pack_threshold + 1, aligned=run.frames.aligned)
-        # The current chunk: bytes 1 to 1 + _size of _frame (made when the
+        self.frames = _Frames(opts.chunk_size + opts.pack_threshold, aligned=run.frames.aligned)
+        # The current chunk: bytes lead to lead + _size of _frame (made when the
         # first small file comes: an incremental may have none).
         self._frame: Frame | None = None
         self._size = 0
@@ -260,7 +260,7 @@ class _Packer:
         """
         with self._lock:
             frame = self._prepare()
-            start = 1 + self._size
+            start = self.frames.lead + self._size
             return memoryview(frame)[start : start + self._run.options.pack_threshold]
 
     def commit(self, n: int, m: ManifestEntry) -> None:
@@ -275,7 +275,8 @@ class _Packer:
         with self._lock:
             frame = self._prepare()
             end = self._size + len(data)
-            frame[1 + self._size : 1 + end] = data
+            lead = self.frames.lead
+            frame[lead + self._size : lead + end] = data
             self._place(len(data), m)
             self._size = end
             self._check_full()
@@ -305,7 +306,11 @@ class _Packer:
         assert self._obj is not None and self._frame is not None
         frame, self._frame = self._frame, None
         self._run.submit_chunk(
-            self._obj, self._index, memoryview(frame)[1 : 1 + self._size], frame, pack=True
+            self._obj,
+            self._index,
+            memoryview(frame)[self.frames.lead : self.frames.lead + self._size],
+            frame,
+            pack=True,
         )
         self._size = 0
         self._index += 1
@@ -446,7 +451,7 @@ class _Run:
         self.pack_cpu = BoundedExecutor(packers, packers * 2, c, "pack")
         self.uploads = BoundedExecutor(options.connections, options.connections * 2, c, "upload")
         self.frames = _Frames(
-            options.chunk_size + 1, aligned=bool(getattr(backend, "writes_aligned", False))
+            options.chunk_size, aligned=bool(getattr(backend, "writes_aligned", False))
         )
         self.packer = _Packer(self)
 
@@ -488,7 +493,7 @@ class _Run:
         self, data: Data, frame: Frame | None
     ) -> tuple[bytes | bytearray | memoryview, Frame | None]:
         """The stored form of ``data``, and the frame it still occupies (if any)."""
-        stored = encode(data, self.options.compression_level, frame)
+        stored = encode(data, self.options.compression_level, frame, self.frames.lead)
         in_frame = stored is frame or (isinstance(stored, memoryview) and stored.obj is frame)
         if frame is not None and not in_frame:
             self.give_frame(frame)  # compressed (or copied out): the frame is free again
@@ -684,24 +689,37 @@ Data = bytes | bytearray | memoryview
 Frame = bytearray | mmap.mmap
 
 
+FRAME_LEAD = 64
+"""Where a chunk read into a page-aligned frame starts: a cache line in, as the
+file's bytes are in the page cache. The kernel copies a file into memory about
+three times faster to a destination aligned like its source (here, reading
+512 MiB from the page cache cost 0.08 s of CPU into an aligned buffer, 0.23 s
+one byte further on); moving a chunk stored raw next to its tag costs less."""
+
+
 class _Frames:
     """Reused buffers that large files are read into, one chunk each (and packs are made in).
 
-    A frame has one byte more than a chunk: the slice is read into it after
-    that byte, so a chunk stored raw becomes its stored form (tag byte, then
-    the bytes) in place, and the same pages carry chunk after chunk instead
-    of fresh memory being zeroed for each. For a backend that writes chunks
-    from page-aligned memory without a copy (``writes_aligned``: the
-    embedded repository's direct I/O), frames are page-aligned mappings;
-    otherwise ``bytearray`` (what an HTTP body may be). A frame is given back
+    A frame has room for a chunk after ``lead`` bytes: a chunk stored raw
+    becomes its stored form (tag byte, then the bytes) in place, and the
+    same pages carry chunk after chunk instead of fresh memory being zeroed
+    for each. For a backend that writes chunks from page-aligned memory
+    without a copy (``writes_aligned``: the embedded repository's direct
+    I/O), frames are page-aligned mappings, and a chunk is read in at byte
+    ``FRAME_LEAD`` (see there), then moved next to its tag if it is stored
+    raw; otherwise frames are ``bytearray`` (what an HTTP body may be) whose
+    byte 1, where a chunk is read in next to its tag, starts a cache line.
+    A frame is given back
     once nothing refers to its bytes any more (after its upload, or once
     compressed); a frame never given back (a cancelled run) is simply freed.
     """
 
     KEEP = 32
 
-    def __init__(self, size: int, aligned: bool) -> None:
-        self.size = size
+    def __init__(self, room: int, aligned: bool) -> None:
+        self.lead = FRAME_LEAD if aligned else 1
+        """Where a chunk's bytes start in a frame."""
+        self.size = room + self.lead
         self.aligned = aligned
         self._free: list[Frame] = []
         self._lock = threading.Lock()
@@ -712,12 +730,32 @@ class _Frames:
                 return self._free.pop()
         if self.aligned:  # private: never shared with a process forked later
             return mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        return bytearray(self.size)
+        return _bytearray_aligned_at_1(self.size)
 
     def give(self, frame: Frame) -> None:
         with self._lock:
             if len(self._free) < self.KEEP:
                 self._free.append(frame)
+
+
+def _bytearray_aligned_at_1(size: int) -> bytearray:
+    """``size`` zero bytes whose second byte starts a cache line (see ``FRAME_LEAD``).
+
+    A ``bytearray`` starts wherever ``malloc`` put it; one a little longer is
+    cut to fit (CPython drops bytes at either end without moving the rest).
+    """
+    frame = bytearray(size + FRAME_LEAD - 1)
+    try:
+        import ctypes
+
+        probe = ctypes.c_char.from_buffer(frame)
+        skew = (-ctypes.addressof(probe) - 1) % FRAME_LEAD
+        del probe  # (the export ends: the bytearray may be cut)
+    except ImportError:  # a Python built without ctypes: slower reads, the same bytes
+        skew = 0
+    del frame[:skew]
+    del frame[size:]
+    return frame
 
 
 class _Chunker:
@@ -936,8 +974,9 @@ class _FileReader:
                 want = chunk_size if end is None else min(chunk_size, end - pos)
                 direct = run.direct_reads and pos % ALIGN == 0
                 frame = run.frames.take()
+                lead = run.frames.lead
                 with memoryview(frame) as whole:
-                    into = whole[1 : 1 + want]
+                    into = whole[lead : lead + want]
                     if dfd is not None and direct:
                         try:
                             got = pread_direct_into(dfd, into, pos)
@@ -951,7 +990,7 @@ class _FileReader:
                 if not got:
                     run.frames.give(frame)
                     break
-                data = memoryview(frame)[1 : 1 + got]
+                data = memoryview(frame)[lead : lead + got]
                 h.update(data)
                 run.read_bytes(got)
                 chunker.add(pos, data, frame)

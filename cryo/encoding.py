@@ -66,14 +66,16 @@ def encode(
     data: bytes | bytearray | memoryview,
     level: int | None,
     frame: bytearray | mmap.mmap | None = None,
+    lead: int = 1,
 ) -> bytes | bytearray | memoryview:
     """The stored form of ``data``; ``level`` None disables compression.
 
-    ``frame``, where given, is a buffer whose bytes after the first are
-    ``data``: a chunk stored raw is then tagged in place and stored from the
-    frame (no copy of the chunk): a ``bytearray`` frame it fills is the
-    stored form itself, an ``mmap`` frame is viewed. A shorter chunk in a
-    ``bytearray`` frame is copied out.
+    ``frame``, where given, is a buffer whose bytes from byte ``lead`` (at
+    least 1) are ``data``: a chunk stored raw is then moved to the frame's
+    second byte (where ``lead`` is not 1), tagged in place and stored from
+    the frame (no copy of the chunk elsewhere): a ``bytearray`` frame it
+    fills is the stored form itself, an ``mmap`` frame is viewed. A shorter
+    chunk in a ``bytearray`` frame is copied out.
     """
     view = memoryview(data)
     if level is not None and len(view) >= 64:
@@ -84,6 +86,8 @@ def encode(
             if len(packed) < len(view) * KEEP_MAX_RATIO:
                 return b"".join((_ZSTD_PREFIX, packed))
     if frame is not None:
+        if lead != 1:
+            memoryview(frame)[1 : 1 + len(view)] = view  # (overlapping: a memmove)
         frame[0] = TAG_RAW
         if not isinstance(frame, bytearray):
             return memoryview(frame)[: len(view) + 1]

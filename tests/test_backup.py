@@ -22,6 +22,7 @@ from cryo.directio import cached_fraction
 from cryo.jobreader import JobReader
 from cryo.manifest import ManifestEntry
 from cryo.scan import ScanOptions
+from cryo.storage.api import Backend
 from cryo.storage.local import LocalBackend
 
 from .storage_helpers import refuse_direct_io
@@ -102,8 +103,12 @@ def walk(root: Path) -> Iterator[bytes]:
             yield os.path.join(dirpath, n)
 
 
-def test_large_files_read_into_reused_buffers_come_back_exact(tmp_path: Path) -> None:
-    """Chunks stored raw and compressed, full and short, in flight together: each one's bytes."""
+def test_large_files_read_into_reused_buffers_come_back_exact(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Chunks stored raw and compressed, full and short, in flight together: each one's bytes,
+    from the page-aligned buffers of the embedded repository (a raw chunk moved next to its
+    tag) and from the byte arrays an HTTP body is sent from."""
     src = tmp_path / "src"
     src.mkdir()
     rng = random.Random(7)
@@ -119,7 +124,6 @@ def test_large_files_read_into_reused_buffers_come_back_exact(tmp_path: Path) ->
     }
     for name, content in files.items():
         (src / name).write_bytes(content)
-    backend = LocalBackend(tmp_path / "repo")
     summary = run_backup(backend, small_chunks(paths=(os.fsencode(src),), connections=4))
     assert summary.status == "COMPLETED"
     reader = JobReader(backend, summary.job_id)
