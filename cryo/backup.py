@@ -238,14 +238,19 @@ class _Packer:
     The chunk being filled lives in a frame (see ``_Frames``) with room for
     one more file after ``chunk_size``; the encoder takes the frame as it
     is and gives it back, so a file read straight into the pack
-    (``room``, then ``commit``) is copied once, by the kernel.
+    (``room``, then ``commit``) is copied once, by the kernel (a pack's frame has
+    a lead of one byte: files land anywhere in it, and a pack stored raw is
+    tagged in place).
     """
 
     def __init__(self, run: _Run) -> None:
         self._run = run
         self._lock = threading.Lock()
         opts = run.options
-        self.frames = _Frames(opts.chunk_size + opts.pack_threshold, aligned=run.frames.aligned)
+        # Files land anywhere in a pack: only its first would gain from a lead.
+        self.frames = _Frames(
+            opts.chunk_size + opts.pack_threshold, aligned=run.frames.aligned, lead=1
+        )
         # The current chunk: bytes lead to lead + _size of _frame (made when the
         # first small file comes: an incremental may have none).
         self._frame: Frame | None = None
@@ -456,9 +461,12 @@ class _Run:
         self.packer = _Packer(self)
 
     # -- objects and chunks ---------------------------------------------------
+    def pool_of(self, frame: Frame) -> _Frames:
+        """The pool ``frame`` came from: large files' slices, or packs (a larger size)."""
+        return self.frames if len(frame) == self.frames.size else self.packer.frames
+
     def give_frame(self, frame: Frame) -> None:
-        """Give ``frame`` back to its pool: large files' slices, or packs (a larger size)."""
-        (self.frames if len(frame) == self.frames.size else self.packer.frames).give(frame)
+        self.pool_of(frame).give(frame)
 
     def next_name(self) -> str:
         with self._counter_lock:
@@ -493,7 +501,8 @@ class _Run:
         self, data: Data, frame: Frame | None
     ) -> tuple[bytes | bytearray | memoryview, Frame | None]:
         """The stored form of ``data``, and the frame it still occupies (if any)."""
-        stored = encode(data, self.options.compression_level, frame, self.frames.lead)
+        lead = 1 if frame is None else self.pool_of(frame).lead
+        stored = encode(data, self.options.compression_level, frame, lead)
         in_frame = stored is frame or (isinstance(stored, memoryview) and stored.obj is frame)
         if frame is not None and not in_frame:
             self.give_frame(frame)  # compressed (or copied out): the frame is free again
@@ -716,8 +725,8 @@ class _Frames:
 
     KEEP = 32
 
-    def __init__(self, room: int, aligned: bool) -> None:
-        self.lead = FRAME_LEAD if aligned else 1
+    def __init__(self, room: int, aligned: bool, lead: int | None = None) -> None:
+        self.lead = lead or (FRAME_LEAD if aligned else 1)
         """Where a chunk's bytes start in a frame."""
         self.size = room + self.lead
         self.aligned = aligned

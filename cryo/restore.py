@@ -36,9 +36,12 @@ not empty), one piece of one chunk, without extended attributes, in a
 directory the restore made, on a file system that creates unnamed files.
 Their records are checked where they are read, without being decoded into
 entries, and the worker holding their chunk does all of a file at once
-(check its xxh3-128, create it unnamed, write, owner, mode, times, name),
-with no state shared per file (``_Small``). Anything unusual on the way
-hands the file to the general path above.
+(check its xxh3-128, create it unnamed with its mode, write, owner and
+mode unless it has them already, times, name), with no state shared per
+file (``_Small``); what a new file gets unasked is seen once per
+directory and mode (``_Creation``; the process's umask must not change
+during the restore). Anything unusual on the way hands the file to the
+general path above.
 
 Directories are created as they come (owner-only at first) and get their
 final mode, owner and times last, deepest first, so restoring files into them

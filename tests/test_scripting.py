@@ -132,7 +132,7 @@ def test_an_aws_profile_that_does_not_exist_is_a_usage_error(tmp_path: Path) -> 
     env = {"AWS_PROFILE": "no-such-profile", "HOME": str(tmp_path)}
     r = cryo("jobs", "--endpoint-url", "http://127.0.0.1:9", env=env)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.decode().startswith("cryo: no AWS profile 'no-such-profile' in ~/.aws/")
+    assert r.stderr.decode().startswith("cryo: no AWS profile 'no-such-profile' in the AWS config")
     assert len(r.stderr.splitlines()) == 1
 
 

@@ -97,9 +97,10 @@ def _translate(exc: BaseException) -> CryoError:
 def _is_http_url(url: str) -> bool:
     try:
         parts = urlsplit(url)
-        return parts.scheme in ("http", "https") and bool(parts.hostname) and (parts.port or 1) > 0
-    except ValueError:  # (an unclosed IPv6 bracket, a port that is not a number)
+        parts.port  # noqa: B018 - (raises for a port that is not a number from 0 to 65535)
+    except ValueError:  # (that, or an unclosed IPv6 bracket)
         return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 @contextmanager
@@ -149,8 +150,8 @@ class RemoteBackend:
             )
         except bx.ProfileNotFound as exc:
             raise UsageError(
-                f"no AWS profile {exc.kwargs.get('profile')!r} in ~/.aws/config or "
-                "~/.aws/credentials"
+                f"no AWS profile {exc.kwargs.get('profile')!r} in the AWS config or "
+                "credentials file"
             ) from None
         self.region = region or session.region_name or DEFAULT_REGION
         self._session = session
