@@ -79,6 +79,7 @@ import xxhash
 import zstandard
 
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent
 TOOLS = ("cryo-embedded", "cryo-server", "restic", "borg")
@@ -251,7 +252,7 @@ def run_measured(
         stderr_tail=_tail(err_path),
         timed_out=state["killed"],
     )
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(OSError, ValueError, IndexError):  # (none written: a full disk)
         fields = usage_path.read_text().split()
         proc.returncode = os.waitstatus_to_exitcode(int(fields[0]))
         proc.wall, proc.cpu, proc.maxrss_kib = float(fields[1]), float(fields[2]), int(fields[3])
@@ -1203,6 +1204,24 @@ def parse_list(known: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+def disk_shortfall(where: Path, need: int) -> str | None:
+    """Why ``need`` bytes will not fit under ``where`` (the nearest existing directory), or None.
+
+    A dataset's restored trees are kept until the end of the run (see ``measure_create``),
+    so each dataset needs its size once per tool and repetition, plus a repository
+    and the restore floor's tree.
+    """
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if free >= need:
+        return None
+    return (
+        f"it needs about {need / GIB:.1f} GiB free under {where}, {free / GIB:.1f} GiB are "
+        "(fewer --reps, --tools or --datasets, or another --workdir)"
+    )
+
+
 def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
@@ -1684,6 +1703,7 @@ def main(argv: list[str] | None = None) -> int:
             counts = f"{sample.check_errors} errors, {sample.check_notes} notes"
             check_notes.append(f"- {head}: {counts}; " + "; ".join(sample.check_examples))
 
+    disk_short = False
     for name in args.datasets:
         print(f"== {name}", flush=True)
         info = datasets.ensure(workdir, name, args.smoke)
@@ -1720,6 +1740,12 @@ def main(argv: list[str] | None = None) -> int:
         plan = touch_plan(manifest)
         plans[name] = len(plan)
         ds = DatasetRun(info, manifest, plan, journal)
+        short = disk_shortfall(run_dir, info.bytes * (len(present) * args.reps + 2))
+        if short:
+            print(f"  skipped: {short}", flush=True)
+            FINDINGS.append(f"- {name} was not measured: {short}")
+            disk_short = True
+            continue
         for rep in range(1, args.reps + 1):
             order = (
                 present[(rep - 1) % max(1, len(present)) :]
@@ -1786,7 +1812,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = [s for s in samples if not s.ok or s.check == "failed"]
     if failed:
         print(f"{len(failed)} step(s) failed or did not pass the restore check", file=sys.stderr)
-    return 1 if failed else 0
+    if disk_short:
+        print("a dataset was skipped for want of disk space", file=sys.stderr)
+    return 1 if failed or disk_short else 0
 
 
 if __name__ == "__main__":

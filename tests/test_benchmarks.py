@@ -158,3 +158,12 @@ def test_touched_files_are_put_back_exactly(bench: ModuleType, tmp_path: Path) -
     assert not journal.exists()
     # the plan is 1% of the regular files, at least one
     assert len(bench.touch_plan(before)) == 1
+
+
+def test_a_dataset_that_would_not_fit_is_named_before_it_starts(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    free = shutil.disk_usage(tmp_path).free
+    assert bench.disk_shortfall(tmp_path / "run" / "not-yet", 1024) is None
+    why = bench.disk_shortfall(tmp_path / "run" / "not-yet", free + 100 * 2**30)
+    assert why is not None and f"under {tmp_path}," in why and "--reps" in why
