@@ -98,12 +98,17 @@ def encode(
 
 
 def decode(
-    stored: bytes | memoryview, expected_length: int | None = None, copy: bool = True
+    stored: bytes | memoryview,
+    expected_length: int | None = None,
+    copy: bool = True,
+    into: bytearray | mmap.mmap | None = None,
 ) -> bytes | memoryview:
     """The original bytes of a stored chunk.
 
     With ``copy`` False, a raw chunk comes back as a view into ``stored``
-    (no copy of megabytes into fresh pages); a compressed one as new bytes.
+    (no copy of megabytes into fresh pages); a compressed one as new bytes,
+    or, where ``into`` can hold them (its frame says their size), as a view
+    of ``into``, decompressed there.
     """
     if len(stored) < 1:
         raise EncodingError("empty stored chunk")
@@ -116,7 +121,15 @@ def decode(
         import zstandard
 
         try:
-            out = bytes(_decompressor().decompress(body))
+            size = zstandard.frame_content_size(body) if into is not None else -1
+            if into is not None and 0 <= size <= len(into):
+                out = memoryview(into)[:size]
+                with _decompressor().stream_reader(body) as reader:
+                    got = reader.readinto(out)
+                if got != size:
+                    raise EncodingError(f"a zstd frame of {size} bytes decoded to {got}")
+            else:
+                out = bytes(_decompressor().decompress(body))
         except zstandard.ZstdError as exc:
             raise EncodingError(f"corrupt zstd chunk: {exc}") from None
     else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -85,11 +86,14 @@ class JobReader:
         """A chunk's original bytes: verified, then decoded."""
         return bytes(self.chunk_view(name, index))
 
-    def chunk_view(self, name: str, index: int) -> bytes | memoryview:
-        """``chunk``, as a view into the stored bytes where the chunk is stored raw."""
+    def chunk_view(
+        self, name: str, index: int, into: bytearray | mmap.mmap | None = None
+    ) -> bytes | memoryview:
+        """``chunk``, as a view into the stored bytes where the chunk is stored raw (or
+        into ``into``, where it is compressed and fits; see ``decode``)."""
         stored = self.stored_chunk(name, index)
         try:
-            return decode(stored, copy=False)
+            return decode(stored, copy=False, into=into)
         except EncodingError as exc:
             raise CorruptData(f"chunk {index} of {name!r}: {exc}") from None
 

@@ -11,19 +11,21 @@ files or ``batch_bytes`` of data). For each batch:
    waits when ``connections`` fetch workers lag. The next batch is gathered
    while this one is fetched.
 2. A worker fetches the chunk, checks its SHA-256 against the listed checksum
-   before decoding it, and writes its slices into every file that needs them,
+   before decoding it (into a reused page-aligned buffer, when compressed),
+   and writes its slices into every file that needs them,
    with ``os.pwrite`` at their file offsets, in any order. The first piece
    written to a file creates it in its target directory: without a name
    (``O_TMPFILE``) when it is smaller than ``DIRECT_MIN_SIZE`` and the file
    system can, otherwise under a temporary name (``.cryo-restore-...``);
    sized with ``ftruncate`` when it has holes (holes stay holes). Files of
    ``DIRECT_MIN_SIZE`` or more are written with direct I/O (their aligned
-   part), around the page cache (:mod:`cryo.directio`). A chunk that fails
-   its checksum is fetched once more; if it fails again, the files that need
-   it are reported and left out, and the restore goes on.
+   part), around the page cache (:mod:`cryo.directio`), straight from that
+   buffer. A chunk that fails its checksum is fetched once more; if it
+   fails again, the files that need it are reported and left out, and the
+   restore goes on.
 3. Each file's xxh3-128 is computed over its bytes in file order
-   (``_InOrderHash``: a piece that arrives early waits, and fetches run at
-   most ``HASH_WINDOW`` bytes ahead of the hashed prefix) and compared with
+   (``_InOrderHash``: a piece that arrives early waits, copied, and fetches
+   run at most ``HASH_WINDOW`` bytes ahead of the hashed prefix) and compared with
    the manifest's; a file that is one piece is checked in memory before it is
    even created. Only a file that matches gets its owner, mode, extended
    attributes and times, and then its final name (``linkat`` for an unnamed
@@ -78,7 +80,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from cryo.checksums import hash_zeros
-from cryo.directio import ALIGN, preallocate, pwrite_direct, refused
+from cryo.directio import ALIGN, BUFFERS, preallocate, pwrite_direct, refused
 from cryo.errors import CryoError
 from cryo.events import EventSink, FileWarning, Progress, Ticker, ignore
 from cryo.executor import BoundedExecutor, Cancelled, Coordinator
@@ -509,11 +511,14 @@ class _InOrderHash:
                 self._cond.wait(0.05)
 
     def add(self, offset: int, piece: memoryview) -> None:
+        """Hash ``piece`` (at ``offset``) in its turn: at once, or from a copy kept until then
+        (the memory of ``piece`` is its chunk's buffer, used again once it is written)."""
         with self._cond:
             if self._broken:
                 return
             early, offsets = self._early, self._offsets
-            early[offset] = piece
+            turn = self._next < len(offsets) and offsets[self._next] == offset
+            early[offset] = piece if turn else memoryview(bytes(piece))
             while self._next < len(offsets) and offsets[self._next] in early:
                 start = offsets[self._next]
                 if start < self._pos:  # overlapping pieces: no file holds both
@@ -1147,12 +1152,28 @@ class _Restore:
         smalls: list[_Small],
     ) -> None:
         self.coordinator.check()
+        # Decoded into a reused page-aligned buffer: no fresh pages per chunk, and a
+        # large file's piece goes to the disk from there (direct I/O) without a copy.
+        room = max([c + n for _, _, c, n in users] + [s.chunk_offset + s.length for s in smalls])
+        buf = BUFFERS.take(room)
+        try:
+            self._fetch_into(key, users, smalls, buf)
+        finally:
+            BUFFERS.give(buf)
+
+    def _fetch_into(
+        self,
+        key: tuple[str, int],
+        users: list[tuple[_Pending, int, int, int]],
+        smalls: list[_Small],
+        buf: Any,
+    ) -> None:
         name, index = key
         try:
             try:
-                data = self.reader.chunk_view(name, index)
+                data = self.reader.chunk_view(name, index, buf)
             except CorruptData:
-                data = self.reader.chunk_view(name, index)  # a second fetch: transient faults
+                data = self.reader.chunk_view(name, index, buf)  # a second fetch: transient faults
         except CorruptData as exc:
             for p, *_ in users:
                 with p.lock:

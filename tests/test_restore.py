@@ -792,3 +792,35 @@ def test_a_corrupt_chunk_inside_a_large_file_fails_that_file_only(
     for name, data in files.items():
         if name != "odd-tail.bin":
             assert (base / name).read_bytes() == data, name
+
+
+def test_a_piece_that_comes_early_is_hashed_as_it_was_given() -> None:
+    # A chunk's buffer is used again once its pieces are written, while a piece that
+    # came before its turn still waits to be hashed: the file's digest must be of the
+    # bytes given, not of what the buffer holds later.
+    import xxhash
+
+    from cryo.restore import _InOrderHash
+
+    first, second = b"a" * 4096, b"b" * 4096
+    h = _InOrderHash([0, 4096], 8192, window=1 << 20)
+    buffer = bytearray(second)
+    h.add(4096, memoryview(buffer))  # early: the first piece is not in yet
+    buffer[:] = b"x" * 4096  # the buffer, used again for another chunk
+    h.add(0, memoryview(first))
+    assert h.hexdigest() == xxhash.xxh3_128_hexdigest(first + second)
+
+
+def test_a_compressed_chunk_decodes_into_a_reused_buffer_only_where_it_fits() -> None:
+    import mmap
+
+    from cryo.encoding import EncodingError, decode, encode
+
+    data = b"restore me " * 50_000
+    stored = bytes(encode(data, 1))
+    roomy, tight = mmap.mmap(-1, 1 << 20), mmap.mmap(-1, 4096)
+    into = decode(stored, copy=False, into=roomy)
+    assert isinstance(into, memoryview) and into.obj is roomy and into == data
+    assert bytes(decode(stored, copy=False, into=tight)) == data  # (fresh bytes instead)
+    with pytest.raises(EncodingError):
+        decode(stored[: len(stored) // 2], copy=False, into=roomy)  # a frame cut short

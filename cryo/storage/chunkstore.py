@@ -19,7 +19,6 @@ protocol, so a server can keep its chunks off its own disk.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import mmap
 import os
@@ -29,7 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from cryo.directio import ALIGN, BUFFERS, STAGE, cached_fraction, pread_direct, refused
+from cryo.directio import ALIGN, BUFFERS, STAGE, aligned, cached_fraction, pread_direct, refused
 
 
 class ChunkWriter(Protocol):
@@ -143,7 +142,7 @@ class _FileWriter:
             raise ValueError("write to a sealed chunk writer")
         view = memoryview(data).cast("B")
         self._length += len(view)
-        if self._direct and not self._fill and len(view) >= ALIGN and _aligned(view):
+        if self._direct and not self._fill and len(view) >= ALIGN and aligned(view):
             bulk = len(view) - len(view) % ALIGN  # straight from the caller's memory
             self._write_direct(view[:bulk])
             view = view[bulk:]
@@ -251,16 +250,6 @@ class _FileWriter:
                 self._fd = None
         with contextlib.suppress(FileNotFoundError):
             self._tmp.unlink()
-
-
-def _aligned(view: memoryview) -> bool:
-    """Whether ``view``'s memory starts on an ``ALIGN`` boundary (False if it cannot tell)."""
-    if view.readonly:
-        return False
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(view)) % ALIGN == 0
-    except (TypeError, ValueError):
-        return False
 
 
 RECEIVE_BYTES = 1024 * 1024
