@@ -11,8 +11,8 @@ files or ``batch_bytes`` of data). For each batch:
    waits when ``connections`` fetch workers lag. The next batch is gathered
    while this one is fetched.
 2. A worker fetches the chunk, checks its SHA-256 against the listed checksum
-   before decoding it (into a reused page-aligned buffer, when compressed),
-   and writes its slices into every file that needs them,
+   before decoding it (a large file's, when compressed, into a reused
+   page-aligned buffer), and writes its slices into every file that needs them,
    with ``os.pwrite`` at their file offsets, in any order. The first piece
    written to a file creates it in its target directory: without a name
    (``O_TMPFILE``) when it is smaller than ``DIRECT_MIN_SIZE`` and the file
@@ -1152,10 +1152,13 @@ class _Restore:
         smalls: list[_Small],
     ) -> None:
         self.coordinator.check()
-        # Decoded into a reused page-aligned buffer: no fresh pages per chunk, and a
-        # large file's piece goes to the disk from there (direct I/O) without a copy.
-        room = max([c + n for _, _, c, n in users] + [s.chunk_offset + s.length for s in smalls])
-        buf = BUFFERS.take(room)
+        # A chunk of a large file is decoded into a reused page-aligned buffer: its piece
+        # goes to the disk from there (direct I/O) without a copy. (Small files' chunks
+        # gain nothing from it: buffers of their size then only add to the memory held.)
+        if not any(p.entry.size >= DIRECT_MIN_SIZE for p, *_ in users):
+            self._fetch_into(key, users, smalls, None)
+            return
+        buf = BUFFERS.take(max(c + n for _, _, c, n in users))
         try:
             self._fetch_into(key, users, smalls, buf)
         finally:

@@ -17,7 +17,6 @@ from cryo.cli.common import (
     app,
     backend_from_options,
     handles_errors,
-    keep_freed_memory,
 )
 from cryo.exitcodes import FATAL, UsageError
 
@@ -99,7 +98,6 @@ def restore(
         raise UsageError(f"--overwrite must be one of {', '.join(OVERWRITE_POLICIES)}")
     if (to == "-") != (path is not None):
         raise UsageError("--path FILE goes with --to - (write one file to stdout)")
-    keep_freed_memory()
     backend = backend_from_options(repo, endpoint_url, region, profile, create=False)
     try:
         if path is not None:
@@ -183,7 +181,6 @@ def verify(
     from cryo.restore import iter_bad_files
     from cryo.retry import RetryingBackend
 
-    keep_freed_memory()
     backend = backend_from_options(repo, endpoint_url, region, profile, create=False)
     problems = 0
     try:

@@ -225,32 +225,6 @@ def backend_from_settings(s: Any, *, create: bool = True) -> Any:
     return LocalBackend(path, create=create, trust_checksums=True)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
-
-
-def keep_freed_memory() -> None:
-    """Let the C library keep the memory it is given back, for the next chunk to reuse.
-
-    glibc gives freed memory above a threshold back to the system, and maps
-    large blocks afresh; a restore decoding chunk after chunk on several
-    threads then touched fresh pages again and again (a 512 MiB restore here:
-    62,000 page faults and 0.23 s of system time, against 17,000 and 0.13 s
-    so). Blocks up to 32 MiB (the largest chunk) now come from the heap, and
-    up to 64 MiB of it is kept free. For the commands that decode chunks, not
-    for the long-running server. Nothing happens without glibc's ``mallopt``.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (ImportError, OSError, AttributeError):
-        return
-    mallopt(_M_MMAP_THRESHOLD, 32 * 1024 * 1024)
-    mallopt(_M_TRIM_THRESHOLD, 64 * 1024 * 1024)
-
-
 def fail(message: str, code: int, as_json: bool = False) -> typer.Exit:
     """Report an error (one line on stderr, or a JSON object on stdout); returns the Exit."""
     message = redact(message)
