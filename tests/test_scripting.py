@@ -446,3 +446,23 @@ def test_json_progress_of_a_restore_carries_its_totals(tmp_path: Path) -> None:
     size = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
     assert last["files_total"] == last["files"] == files
     assert last["bytes_total"] == last["bytes_done"] == size
+
+
+def test_every_command_runs_when_its_module_alone_is_loaded() -> None:
+    # `cryo NAME` imports only NAME's module: a command missing from that
+    # table, or registered by another module, would be "No such command".
+    import typer.main
+
+    from cryo import cli
+
+    group = typer.main.get_command(cli.app)
+    assert isinstance(group, typer.main.TyperGroup)
+    assert set(group.commands) == set(cli._MODULE_OF)
+    for name in sorted(group.commands):
+        r = cryo(name, "--help")
+        assert r.returncode == 0, (name, r.stderr)
+        assert f"{name} [OPTIONS]".encode() in r.stdout, name
+    top = cryo("--help")
+    assert top.returncode == 0
+    for name in group.commands:
+        assert name.encode() in top.stdout
