@@ -466,3 +466,27 @@ def test_every_command_runs_when_its_module_alone_is_loaded() -> None:
     assert top.returncode == 0
     for name in group.commands:
         assert name.encode() in top.stdout
+
+
+def test_root_options_before_a_command_leave_it_found(tmp_path: Path) -> None:
+    # The command is found after the root options; a root option's value that
+    # happens to be a command's name is not taken for the command.
+    import typer.main
+
+    from cryo import cli
+
+    group = typer.main.get_command(cli.app)
+    takes_value = {
+        opt
+        for param in group.params
+        if not getattr(param, "is_flag", False) and not getattr(param, "count", False)
+        for opt in param.opts
+    }
+    assert takes_value == cli._ROOT_VALUE_OPTIONS
+    log = tmp_path / "restore"
+    r = cryo("-v", "--log-file", str(log), "--traceback", "backup", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert b"backup [OPTIONS]" in r.stdout
+    r = cryo("--log-file", "restore", "backup", "--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert b"backup [OPTIONS]" in r.stdout

@@ -4,10 +4,11 @@ Commands are thin: they check flags, build an options object, call the core
 and render its events. Each lives in its own ``cmd_*`` module, which registers
 it on import; heavy imports (boto3, the pipelines) happen inside the command
 bodies so ``cryo --help`` stays fast. ``main`` imports only the module of the
-command it is asked for (typer builds every registered command's parameters
-before running one: 15 ms for all of them here, on every run); anything
-else (``cryo --help``, an option before the command, a misspelt command)
-gets them all, as does ``app`` taken from this module.
+command it is asked for, found after the root options (typer builds every
+registered command's parameters before running one, and importing and
+building them all took 40 ms here, on every run); anything else (``cryo
+--help``, a misspelt command) gets them all, as does ``app`` taken from this
+module.
 """
 
 from __future__ import annotations
@@ -36,9 +37,27 @@ _MODULE_OF: dict[str, str] = {
 """Command name -> the ``cmd_*`` module that registers it (checked by a test)."""
 
 
+_ROOT_VALUE_OPTIONS = frozenset({"--config", "--log-file"})
+"""The root options that take a value as the next argument (checked by a test)."""
+
+
+def _command_name(args: list[str]) -> str | None:
+    """The first argument that is neither a root option nor its value."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in _ROOT_VALUE_OPTIONS:
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            return arg
+    return None
+
+
 def _register(args: list[str]) -> None:
-    """Import the module of the command ``args`` start with, or every ``cmd_*`` module."""
-    module = _MODULE_OF.get(args[0]) if args else None
+    """Import the module of the command ``args`` name, or every ``cmd_*`` module."""
+    module = _MODULE_OF.get(_command_name(args) or "")
     if module is not None:
         importlib.import_module(f"cryo.cli.{module}")
         return
@@ -73,7 +92,7 @@ def main() -> None:
     thousand allocations later.
     """
     gc.set_threshold(_GC_YOUNG, *gc.get_threshold()[1:])
-    _register(sys.argv[1:2])
+    _register(sys.argv[1:])
     try:
         common.app()
     except SystemExit as exc:
