@@ -88,6 +88,7 @@ from cryo.jobreader import CorruptData, JobReader
 from cryo.jobs import int_attribute
 from cryo.manifest import ManifestEntry, ManifestError, json_int, record_kind_path
 from cryo.retry import RetryingBackend, RetryPolicy
+from cryo.storage.api import MAX_CHUNK_BYTES
 
 if TYPE_CHECKING:
     from cryo.storage.api import Job
@@ -1158,7 +1159,9 @@ class _Restore:
         if not any(p.entry.size >= DIRECT_MIN_SIZE for p, *_ in users):
             self._fetch_into(key, users, smalls, None)
             return
-        buf = BUFFERS.take(max(c + n for _, _, c, n in users))
+        # Sized from the extents, which are untrusted: no real chunk is larger than the
+        # largest stored one (a longer extent is reported as such, for its file only).
+        buf = BUFFERS.take(min(max(c + n for _, _, c, n in users), MAX_CHUNK_BYTES))
         try:
             self._fetch_into(key, users, smalls, buf)
         finally:

@@ -1322,6 +1322,31 @@ def test_entries_out_of_range_are_refused_by_name(tmp_path: Path) -> None:
     assert sorted(p.name for p in target.iterdir()) == ["after", "before"]
 
 
+def test_an_extent_far_past_its_chunk_costs_only_its_file(tmp_path: Path) -> None:
+    # A large file's chunk is decoded into a buffer sized from the extents; an
+    # extent that says its piece starts a pebibyte into the chunk must not ask
+    # for a pebibyte of memory and stop the restore.
+    backend = LocalBackend(tmp_path / "repo")
+    data = os.urandom(2 << 20)
+    digest = xxhash.xxh3_128(data).hexdigest()
+    good = ManifestEntry(
+        path=b"good.bin", kind="f", mode=0o644, size=len(data),
+        extents=[Extent(0, "data/x", 0, 0, len(data))], xxh3=digest,
+    )  # fmt: skip
+    bad = ManifestEntry(
+        path=b"bad.bin", kind="f", mode=0o644, size=len(data),
+        extents=[Extent(0, "data/x", 0, 2**50, len(data))], xxh3=digest,
+    )  # fmt: skip
+    job = crafted_job(backend, [bad, good], data)
+    target = tmp_path / "target"
+    summary = run_restore(backend, job, RestoreOptions(target=os.fsencode(target)))
+    assert [(f.path, "shorter than its extent" in f.message) for f in summary.failures] == [
+        ("bad.bin", True)
+    ]
+    assert (target / "good.bin").read_bytes() == data
+    assert sorted(p.name for p in target.iterdir()) == ["good.bin"]
+
+
 def test_an_entry_the_target_cannot_hold_costs_only_itself(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path / "repo")
     huge = _f(b"one-pebibyte")
