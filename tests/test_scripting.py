@@ -462,10 +462,11 @@ def test_every_command_runs_when_its_module_alone_is_loaded() -> None:
         r = cryo(name, "--help")
         assert r.returncode == 0, (name, r.stderr)
         assert f"{name} [OPTIONS]".encode() in r.stdout, name
-    top = cryo("--help")
-    assert top.returncode == 0
-    for name in group.commands:
-        assert name.encode() in top.stdout
+    for args in (["--help"], ["--help", "restore"], ["-v", "-h", "ls"]):
+        top = cryo(*args)
+        assert top.returncode == 0, args
+        for name in group.commands:
+            assert f"│ {name} ".encode() in top.stdout, (args, name)
 
 
 def test_root_options_before_a_command_leave_it_found(tmp_path: Path) -> None:

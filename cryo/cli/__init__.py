@@ -42,10 +42,13 @@ _ROOT_VALUE_OPTIONS = frozenset({"--config", "--log-file"})
 
 
 def _command_name(args: list[str]) -> str | None:
-    """The first argument that is neither a root option nor its value."""
+    """The first argument that is neither a root option nor its value (None after a
+    root ``--help``, which lists every command)."""
     i = 0
     while i < len(args):
         arg = args[i]
+        if arg in ("-h", "--help"):
+            return None
         if arg in _ROOT_VALUE_OPTIONS:
             i += 2
         elif arg.startswith("-"):
