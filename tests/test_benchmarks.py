@@ -167,3 +167,11 @@ def test_a_dataset_that_would_not_fit_is_named_before_it_starts(
     assert bench.disk_shortfall(tmp_path / "run" / "not-yet", 1024) is None
     why = bench.disk_shortfall(tmp_path / "run" / "not-yet", free + 100 * 2**30)
     assert why is not None and f"under {tmp_path}," in why and "--reps" in why
+    # What a restored tree takes is counted in blocks, as du counts it: 200 files of
+    # one byte each take far more than 200 bytes.
+    tree = tmp_path / "tree"
+    (tree / "sub").mkdir(parents=True)
+    for i in range(200):
+        (tree / "sub" / f"f{i}").write_bytes(b"x")
+    du = int(subprocess.run(["du", "-s", "-B1", str(tree)], capture_output=True).stdout.split()[0])
+    assert bench.allocated_bytes(tree) == du >= 200 * 512
