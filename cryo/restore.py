@@ -512,14 +512,15 @@ class _InOrderHash:
                 self._cond.wait(0.05)
 
     def add(self, offset: int, piece: memoryview) -> None:
-        """Hash ``piece`` (at ``offset``) in its turn: at once, or from a copy kept until then
-        (the memory of ``piece`` is its chunk's buffer, used again once it is written)."""
+        """Hash ``piece`` (at ``offset``) in its turn: at once, or kept until then, as a
+        copy if its memory is a reused buffer (written again by the next chunk)."""
         with self._cond:
             if self._broken:
                 return
             early, offsets = self._early, self._offsets
             turn = self._next < len(offsets) and offsets[self._next] == offset
-            early[offset] = piece if turn else memoryview(bytes(piece))
+            keep = turn or isinstance(piece.obj, bytes)
+            early[offset] = piece if keep else memoryview(bytes(piece))
             while self._next < len(offsets) and offsets[self._next] in early:
                 start = offsets[self._next]
                 if start < self._pos:  # overlapping pieces: no file holds both
