@@ -160,6 +160,30 @@ def test_touched_files_are_put_back_exactly(bench: ModuleType, tmp_path: Path) -
     assert len(bench.touch_plan(before)) == 1
 
 
+def test_a_run_without_room_measures_nothing_and_says_why(
+    bench: ModuleType,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real = shutil.disk_usage
+
+    def full(path: object) -> object:
+        return real(path)._replace(free=10 * 2**20)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bench.shutil, "disk_usage", full)
+    results = tmp_path / "results"
+    code = bench.main([
+        "--smoke", "--reps", "1", "--tools", "cryo-embedded", "--datasets", "small",
+        "--workdir", str(tmp_path / "work"), "--results-dir", str(results),
+    ])  # fmt: skip
+    assert code == 1
+    assert "skipped: it needs about" in capsys.readouterr().out
+    md = (results / "results.md").read_text()
+    assert "- small was not measured: it needs about" in md
+    assert not re.search(r"^\| small \| backup-full \| cryo-embedded \| \d", md, re.MULTILINE)
+
+
 def test_a_dataset_that_would_not_fit_is_named_before_it_starts(
     bench: ModuleType, tmp_path: Path
 ) -> None:
