@@ -24,7 +24,8 @@ files or ``batch_bytes`` of data). For each batch:
    fails again, the files that need it are reported and left out, and the
    restore goes on.
 3. Each file's xxh3-128 is computed over its bytes in file order
-   (``_InOrderHash``: a piece that arrives early waits, copied, and fetches
+   (``_InOrderHash``: a piece that arrives early waits, copied out of a
+   reused buffer, and fetches
    run at most ``HASH_WINDOW`` bytes ahead of the hashed prefix) and compared with
    the manifest's; a file that is one piece is checked in memory before it is
    even created. Only a file that matches gets its owner, mode, extended
