@@ -1207,9 +1207,8 @@ def parse_list(known: Sequence[str]) -> Callable[[str], list[str]]:
 def disk_shortfall(where: Path, need: int) -> str | None:
     """Why ``need`` bytes will not fit under ``where`` (the nearest existing directory), or None.
 
-    A dataset's restored trees are kept until the end of the run (see ``measure_create``),
-    so each dataset needs its size once per tool and repetition, plus a repository
-    and the restore floor's tree.
+    (A dataset's restored trees are kept until the end of the run, see ``measure_create``:
+    the caller counts one per tool and repetition.)
     """
     while not where.exists():
         where = where.parent

@@ -25,14 +25,13 @@ files or ``batch_bytes`` of data). For each batch:
    restore goes on.
 3. Each file's xxh3-128 is computed over its bytes in file order
    (``_InOrderHash``: a piece that arrives early waits, copied out of a
-   reused buffer, and fetches
-   run at most ``HASH_WINDOW`` bytes ahead of the hashed prefix) and compared with
-   the manifest's; a file that is one piece is checked in memory before it is
-   even created. Only a file that matches gets its owner, mode, extended
-   attributes and times, and then its final name (``linkat`` for an unnamed
-   file, ``rename`` for a temporary), from the worker that wrote (or gave up
-   on) its last piece. A corrupt or partial file never sits under a real
-   name, and a file is never read back.
+   reused buffer, and fetches run at most ``HASH_WINDOW`` bytes ahead of the
+   hashed prefix) and compared with the manifest's; a file that is one piece
+   is checked in memory before it is even created. Only a file that matches
+   gets its owner, mode, extended attributes and times, and then its final
+   name (``linkat`` for an unnamed file, ``rename`` for a temporary), from
+   the worker that wrote (or gave up on) its last piece. A corrupt or
+   partial file never sits under a real name, and a file is never read back.
 
 The short path: most files of a tree are small (under ``DIRECT_MIN_SIZE``,
 not empty), one piece of one chunk, without extended attributes, in a
@@ -1396,7 +1395,7 @@ def _written_whole(entry: ManifestEntry) -> bool:
     return len(extents) == 1 and extents[0].file_offset == 0 and extents[0].length == entry.size
 
 
-_INT_ONLY = {int}
+_INT_ONLY = frozenset({int})
 """The types of a record's integer fields, all of them (a bool or a float is not one)."""
 
 _SHORT_KEYS = frozenset(("p", "pb", "t", "m", "u", "g", "un", "gn", "mt", "ct", "ino", "dev", "s",

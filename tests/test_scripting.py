@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -448,15 +449,23 @@ def test_json_progress_of_a_restore_carries_its_totals(tmp_path: Path) -> None:
     assert last["bytes_total"] == last["bytes_done"] == size
 
 
-def test_every_command_runs_when_its_module_alone_is_loaded() -> None:
-    # `cryo NAME` imports only NAME's module: a command missing from that
-    # table, or registered by another module, would be "No such command".
+def _whole_command_line() -> Any:
+    """The click group of every command (``cryo.cli.app`` loads them all)."""
     import typer.main
 
     from cryo import cli
 
     group = typer.main.get_command(cli.app)
     assert isinstance(group, typer.main.TyperGroup)
+    return group
+
+
+def test_every_command_runs_when_its_module_alone_is_loaded() -> None:
+    # `cryo NAME` imports only NAME's module: a command missing from that
+    # table, or registered by another module, would be "No such command".
+    from cryo import cli
+
+    group = _whole_command_line()
     assert set(group.commands) == set(cli._MODULE_OF)
     for name in sorted(group.commands):
         r = cryo(name, "--help")
@@ -472,11 +481,9 @@ def test_every_command_runs_when_its_module_alone_is_loaded() -> None:
 def test_root_options_before_a_command_leave_it_found(tmp_path: Path) -> None:
     # The command is found after the root options; a root option's value that
     # happens to be a command's name is not taken for the command.
-    import typer.main
-
     from cryo import cli
 
-    group = typer.main.get_command(cli.app)
+    group = _whole_command_line()
     takes_value = {
         opt
         for param in group.params
